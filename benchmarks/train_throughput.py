@@ -1,0 +1,89 @@
+"""Training throughput (images/s) per method: the cpu profile here, the gpu profile on CUDA.
+
+Each measurement builds the run exactly as ``python -m or_core pretrain`` does (data resident on
+the device, batched augmentation, the method's loss with the OR term, optimizer and schedule)
+and times full training steps after a warm-up, waiting for the device at both ends.
+
+Usage::
+
+    python benchmarks/train_throughput.py                          # cpu profile, every method
+    python benchmarks/train_throughput.py --profile gpu --methods byol --steps 50
+    python benchmarks/train_throughput.py --data-root PATH --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from or_core.config import resolve_config
+from or_core.methods import available_methods
+from or_core.train import build_run, device_name, training_step
+
+
+def throughput(method: str, profile: str, regularizer: str, steps: int, warmup: int, overrides: dict) -> dict:
+    cfg = resolve_config(profile, overrides={"method": method, "regularizer": regularizer, **overrides})
+    run = build_run(cfg)
+    generator = torch.Generator().manual_seed(0)
+    images = run.train.images
+    batch = cfg.batch_size
+
+    def sync() -> None:
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            start = time.perf_counter()
+        begin = (i * batch) % (images.shape[0] - batch + 1)
+        training_step(run, images[begin : begin + batch], 0.1, generator)
+    sync()
+    seconds = time.perf_counter() - start
+    return {
+        "method": method,
+        "regularizer": regularizer,
+        "profile": profile,
+        "backbone": f"{cfg.backbone} x{cfg.width}",
+        "batch_size": batch,
+        "image_size": int(images.shape[-1]),
+        "steps": steps,
+        "images_per_s": steps * batch / seconds,
+        "device": device_name(run.device),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default=None, help="cpu or gpu (default: gpu on CUDA, else cpu)")
+    parser.add_argument("--methods", nargs="*", default=None, help="default: every method")
+    parser.add_argument("--regularizer", default="so")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 cpu, 50 gpu)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 1 cpu, 10 gpu)")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    profile = args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
+    gpu = profile == "gpu"
+    steps = args.steps or (50 if gpu else 5)
+    warmup = args.warmup or (10 if gpu else 1)
+    overrides = {"data_root": args.data_root, "compile": args.compile or None}
+    results = []
+    print(f"{'method':<16}{'backbone':<16}{'batch':>6}{'images/s':>12}  device")
+    for method in args.methods or available_methods():
+        r = throughput(method, profile, args.regularizer, steps, warmup, overrides)
+        results.append(r)
+        print(f"{method:<16}{r['backbone']:<16}{r['batch_size']:>6}{r['images_per_s']:>12.1f}  {r['device']}", flush=True)
+    payload = {"benchmark": "train_throughput", "torch": torch.__version__, "results": results}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+    print(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()

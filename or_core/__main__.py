@@ -1,0 +1,75 @@
+"""The command line: ``python -m or_core pretrain ...`` and ``python -m or_core evaluate DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from or_core.config import PROFILES, PretrainConfig, resolve_config
+from or_core.methods import REGULARIZERS, available_methods
+
+DATASETS = "cifar10, cifar100, or a path to an ImageFolder root with train/ and val/ (or test/)"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m or_core",
+        description="Self-supervised pretraining with orthogonality regularization (He, Du & Ma, NeurIPS 2024).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain an encoder (resumes if --out holds the same run)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            f"methods: {', '.join(available_methods())}\n"
+            f"regularizers: {', '.join(REGULARIZERS)}\n"
+            f"data sets: {DATASETS}\n"
+            f"profiles: " + "; ".join(f"{k}: {v}" for k, v in PROFILES.items())
+        ),
+    )
+    p.add_argument("--method", choices=available_methods(), default=None)
+    p.add_argument("--regularizer", choices=REGULARIZERS, default=None)
+    p.add_argument("--gamma", type=float, default=None, help="OR weight (default: SO 1e-6, SRIP 1e-3)")
+    p.add_argument("--dataset", default=None, help=DATASETS)
+    p.add_argument("--data-root", default=None, help="download / cache folder of the named data sets")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None)
+    p.add_argument("--config", default=None, help="YAML file of config fields (see configs/)")
+    p.add_argument("--backbone", default=None, help="resnet18, resnet50, vit_tiny, vit_small")
+    p.add_argument("--width", type=float, default=None, help="ResNet width multiplier")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--subset", type=int, default=None, help="class-balanced subset of the training set")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--optimizer", choices=("lars", "sgd", "adamw"), default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = sub.add_parser("evaluate", help="kNN and linear probe of a run's last checkpoint")
+    e.add_argument("out", help="run directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "evaluate":
+        from or_core.train import evaluate_dir
+
+        print(json.dumps(evaluate_dir(args.out), indent=2))
+        return 0
+    fields = {f for f in PretrainConfig.__dataclass_fields__}
+    overrides = {k: v for k, v in vars(args).items() if k in fields}
+    cfg = resolve_config(args.profile, args.config, overrides)
+    from or_core.train import pretrain
+
+    summary = pretrain(cfg, args.out, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The base class of the self-supervised methods and the orthogonality switch.
+
+Every method is an ``nn.Module`` that holds the online encoder ``backbone`` and whatever heads,
+EMA targets and memory banks the method needs, all built from lightly's pieces. The one thing
+this base class adds is the paper's regularizer (He, Du & Ma, NeurIPS 2024):
+
+    loss = ssl_loss + gamma * sum_l OR(W_l)
+
+with ``OR`` summed over the conv and linear weights of the **online backbone only**. Heads
+(projector, predictor, prototypes) and EMA targets are never regularized.
+
+One training step, as the training loop drives it::
+
+    out = method.training_loss(views, progress)   # EMA targets updated first, then the forward
+    out["loss"].backward()
+    method.on_after_backward(progress)            # e.g. DINO freezes its last layer early on
+    optimizer.step()
+    method.on_train_step_end(progress)            # a no-op for the methods here
+
+``progress`` is the fraction of training done, in ``[0, 1]`` (``step / total_steps``); EMA
+momentum and temperature schedules are functions of it. ``method(views, progress)`` is the
+same as ``method.training_loss(views, progress)`` so that ``DistributedDataParallel`` can wrap
+the method.
+
+EMA targets are updated at the start of :meth:`SSLMethod.training_loss`, before the forward
+pass, with ``lightly.models.utils.update_momentum`` and the momentum of the current
+``progress`` (as lightly's BYOL benchmark and examples do): the target used at step ``t`` has
+seen the online weights of step ``t - 1``. The update only happens in training mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from lightly.models.modules.memory_bank import MemoryBankModule
+from lightly.models.utils import get_weight_decay_parameters, update_momentum
+from lightly.utils.scheduler import cosine_schedule
+from torch import Tensor, nn
+
+from or_core.orthogonality import PENALTY_KINDS, OrthogonalityRegularizer
+
+__all__ = [
+    "REGULARIZERS",
+    "OptimizerDefaults",
+    "SSLMethod",
+    "cosine_progress",
+    "persistent_memory_bank",
+    "same_size_groups",
+]
+
+#: Values of the ``regularizer`` switch: no regularization, or one of the penalties.
+REGULARIZERS: tuple[str, ...] = ("none", *PENALTY_KINDS)
+
+# Resolution of ``progress`` when it is turned into a step for lightly's cosine_schedule.
+_SCHEDULE_STEPS = 1_000_000
+
+
+def cosine_progress(progress: float, start: float, end: float) -> float:
+    """``start`` at ``progress = 0`` to ``end`` at ``progress = 1`` on a half cosine.
+
+    lightly's :func:`~lightly.utils.scheduler.cosine_schedule` with ``progress`` read as step
+    ``progress * 10^6`` of ``10^6 + 1``: ``end - (end - start) * (1 + cos(pi * progress)) / 2``.
+    """
+    step = round(min(max(progress, 0.0), 1.0) * _SCHEDULE_STEPS)
+    return cosine_schedule(step, _SCHEDULE_STEPS + 1, start, end)
+
+
+def persistent_memory_bank(bank: MemoryBankModule) -> MemoryBankModule:
+    """Put a lightly memory bank (its ``bank`` and ``bank_ptr``) into ``state_dict``.
+
+    lightly registers both as non-persistent buffers, so a checkpoint would lose MoCo's queue,
+    NNCLR's support set and SwaV's queues; re-registering them as persistent buffers lets a
+    resumed run continue exactly where it stopped.
+    """
+    for name in ("bank", "bank_ptr"):
+        bank.register_buffer(name, getattr(bank, name), persistent=True)
+    return bank
+
+
+def same_size_groups(views: Sequence[Tensor]) -> list[list[Tensor]]:
+    """Consecutive views of equal shape, grouped: ``[[global views], [local crops]]``.
+
+    Multi-crop methods concatenate each group into one batch for the backbone.
+    """
+    groups: list[list[Tensor]] = []
+    for v in views:
+        if groups and groups[-1][0].shape == v.shape:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return groups
+
+
+@dataclass(frozen=True)
+class OptimizerDefaults:
+    """The published optimizer recipe of a method: what the training loop builds by default.
+
+    ``lr`` is the base learning rate for a batch of ``batch_size`` images; scale it linearly,
+    ``lr * B / batch_size`` (:meth:`scaled_lr`), as solo-learn, lightly's benchmarks and the
+    method papers do. The schedule is a linear warmup of ``warmup_epochs`` then a cosine decay.
+
+    Attributes:
+        name: ``"lars"`` (``lightly.utils.lars.LARS``), ``"sgd"`` or ``"adamw"``.
+        lr: base learning rate at ``batch_size``.
+        weight_decay: weight decay (the start value when ``weight_decay_end`` is set).
+        momentum: SGD/LARS momentum (unused by AdamW).
+        batch_size: the batch size ``lr`` refers to.
+        warmup_epochs: epochs of linear learning-rate warmup.
+        exclude_bias_and_norm: no weight decay (and no LARS adaptation) for biases and
+            normalization parameters.
+        trust_coefficient: LARS ``eta`` (solo-learn's CIFAR recipes: 0.02).
+        weight_decay_end: end of a cosine weight-decay schedule (DINO ViT), ``None`` if constant.
+        source: where the numbers come from.
+    """
+
+    name: str
+    lr: float
+    weight_decay: float
+    momentum: float = 0.9
+    batch_size: int = 256
+    warmup_epochs: int = 10
+    exclude_bias_and_norm: bool = True
+    trust_coefficient: float = 0.02
+    weight_decay_end: float | None = None
+    source: str = ""
+
+    def scaled_lr(self, batch_size: int) -> float:
+        """``lr * batch_size / self.batch_size`` (the linear scaling rule)."""
+        return self.lr * batch_size / self.batch_size
+
+    def to_dict(self) -> dict:
+        """The fields as a plain ``dict`` (for configs and run records)."""
+        return dataclasses.asdict(self)
+
+
+class SSLMethod(nn.Module):
+    """A self-supervised method with the orthogonality regularizer on its online backbone.
+
+    Subclasses build their heads and losses in ``__init__`` and implement :meth:`ssl_loss`.
+    Methods with EMA targets set ``base_momentum``/``final_momentum`` and return their
+    ``(online, target)`` module pairs from :meth:`momentum_pairs`.
+
+    Class attributes every method declares:
+        name: its registry name.
+        augmentation: the name of its view recipe (``"byol"``, ``"simclr"``, ``"mocov2"``,
+            ``"simsiam"``, ``"barlowtwins"``, ``"vicreg"``, ``"nnclr"``, ``"dino"``, ``"swav"``).
+        num_global_views: full-resolution views per image (2 for all methods here).
+        multi_crop: whether the method takes extra low-resolution local crops after the global
+            views; ``num_local_views`` (an instance attribute) says how many by default.
+        default_optimizer: the published optimizer recipe (:class:`OptimizerDefaults`).
+
+    Args:
+        backbone: the online encoder, mapping images ``(N, 3, H, W)`` to features
+            ``(N, feature_dim)`` (a trailing ``(N, C, 1, 1)`` is flattened).
+        feature_dim: the dimension of the backbone's output.
+        regularizer: ``"none"`` or an orthogonality penalty, ``"so"``, ``"srip"``, ``"dso"``
+            or ``"mc"``.
+        gamma: the weight of the penalty; ``None`` takes
+            :data:`or_core.orthogonality.DEFAULT_GAMMA`. Ignored when ``regularizer="none"``.
+    """
+
+    name: ClassVar[str] = ""
+    augmentation: ClassVar[str] = ""
+    num_global_views: ClassVar[int] = 2
+    multi_crop: ClassVar[bool] = False
+    default_optimizer: ClassVar[OptimizerDefaults]
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        regularizer: str = "none",
+        gamma: float | None = None,
+    ) -> None:
+        super().__init__()
+        if regularizer not in REGULARIZERS:
+            raise ValueError(
+                f"unknown regularizer {regularizer!r}; valid values are {', '.join(REGULARIZERS)}"
+            )
+        self.backbone = backbone
+        self.feature_dim = int(feature_dim)
+        self.regularizer_kind = regularizer
+        self.num_local_views = 0
+        self.base_momentum: float | None = None
+        self.final_momentum: float | None = None
+        # Built here, before any head or EMA copy exists: it sees the online backbone only.
+        self.regularizer: OrthogonalityRegularizer | None = None
+        if regularizer != "none":
+            self.regularizer = OrthogonalityRegularizer(backbone, regularizer, gamma)
+
+    # ------------------------------------------------------------------------------------------
+    # What subclasses implement
+    # ------------------------------------------------------------------------------------------
+    def ssl_loss(self, views: Sequence[Tensor], progress: float) -> Tensor | dict[str, Tensor]:
+        """The method's own loss for a list of views (global views first, then local crops).
+
+        Returns a scalar, or a dict with the scalar under ``"ssl_loss"`` plus extra terms to log.
+        """
+        raise NotImplementedError
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(online, EMA target)`` module pairs updated by :meth:`update_targets`; none here."""
+        return []
+
+    def on_after_backward(self, progress: float) -> None:
+        """Called after ``backward()`` and before ``optimizer.step()`` (e.g. to drop gradients)."""
+
+    def on_train_step_end(self, progress: float) -> None:
+        """Called after ``optimizer.step()``."""
+
+    # ------------------------------------------------------------------------------------------
+    # The step
+    # ------------------------------------------------------------------------------------------
+    def training_loss(self, views: Sequence[Tensor], progress: float) -> dict[str, Tensor]:
+        """``{"loss": ssl_loss + or_term, "ssl_loss": ..., "or_term": ...}`` (+ extra terms).
+
+        In training mode the EMA targets are first moved toward the online networks with the
+        momentum of ``progress`` (:meth:`update_targets`).
+        """
+        views = self._check_views(views)
+        progress = self._check_progress(progress)
+        if self.training:
+            self.update_targets(progress)
+        out = self.ssl_loss(views, progress)
+        terms = dict(out) if isinstance(out, dict) else {"ssl_loss": out}
+        ssl_loss = terms.pop("ssl_loss")
+        or_term = self.or_term().to(ssl_loss.device)
+        return {"loss": ssl_loss + or_term, "ssl_loss": ssl_loss, "or_term": or_term, **terms}
+
+    def forward(self, views: Sequence[Tensor], progress: float = 0.0) -> dict[str, Tensor]:
+        """Same as :meth:`training_loss` (lets ``DistributedDataParallel`` wrap the method)."""
+        return self.training_loss(views, progress)
+
+    def or_term(self) -> Tensor:
+        """``gamma * sum_l OR(W_l)`` over the online backbone, or a zero tensor when off."""
+        if self.regularizer is None:
+            first = next(self.backbone.parameters(), None)
+            return torch.zeros((), device=first.device if first is not None else None)
+        return self.regularizer()
+
+    def features(self, x: Tensor) -> Tensor:
+        """The online backbone's representation ``(N, feature_dim)``."""
+        return self.backbone(x).flatten(start_dim=1)
+
+    # ------------------------------------------------------------------------------------------
+    # EMA targets
+    # ------------------------------------------------------------------------------------------
+    def momentum(self, progress: float) -> float:
+        """EMA momentum at ``progress``: cosine from ``base_momentum`` to ``final_momentum``."""
+        if self.base_momentum is None or self.final_momentum is None:
+            raise RuntimeError(f"{type(self).__name__} has no EMA target")
+        return cosine_progress(progress, self.base_momentum, self.final_momentum)
+
+    @torch.no_grad()
+    def update_targets(self, progress: float) -> None:
+        """``target <- m * target + (1 - m) * online`` for every pair of :meth:`momentum_pairs`."""
+        pairs = self.momentum_pairs()
+        if not pairs:
+            return
+        m = self.momentum(progress)
+        for online, target in pairs:
+            update_momentum(online, target, m=m)
+
+    # ------------------------------------------------------------------------------------------
+    # Helpers
+    # ------------------------------------------------------------------------------------------
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """Trainable parameters in two optimizer groups: decayed, and biases/norms undecayed.
+
+        Uses lightly's ``get_weight_decay_parameters``; EMA targets and frozen parameters
+        (``requires_grad=False``) are left out.
+        """
+        decay, no_decay = get_weight_decay_parameters([self])
+        return [
+            {"params": [p for p in decay if p.requires_grad], "weight_decay": weight_decay},
+            {"params": [p for p in no_decay if p.requires_grad], "weight_decay": 0.0},
+        ]
+
+    def _check_views(self, views: Sequence[Tensor]) -> list[Tensor]:
+        views = list(views)
+        n_global = self.num_global_views
+        if len(views) < n_global or (not self.multi_crop and len(views) != n_global):
+            expected = f"{n_global} global views" + (" (+ local crops)" if self.multi_crop else "")
+            raise ValueError(f"{type(self).__name__} takes {expected}, got {len(views)} views")
+        return views
+
+    @staticmethod
+    def _check_progress(progress: float) -> float:
+        progress = float(progress)
+        if not -1e-6 <= progress <= 1.0 + 1e-6:
+            raise ValueError(
+                f"progress is the fraction of training done, in [0, 1]; got {progress}"
+            )
+        return min(max(progress, 0.0), 1.0)
+
+    def extra_repr(self) -> str:
+        return f"feature_dim={self.feature_dim}, regularizer={self.regularizer_kind!r}"

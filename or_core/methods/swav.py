@@ -1,0 +1,158 @@
+"""SwaV: Caron, Misra, Mairal, Goyal, Bojanowski & Joulin, "Unsupervised Learning of Visual
+Features by Contrasting Cluster Assignments" (NeurIPS 2020), https://arxiv.org/abs/2006.09882.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from lightly.loss import SwaVLoss
+from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
+from lightly.models.modules.memory_bank import MemoryBankModule
+from lightly.utils import dist
+from torch import Tensor, nn
+
+from or_core.methods.base import (
+    OptimizerDefaults,
+    SSLMethod,
+    persistent_memory_bank,
+    same_size_groups,
+)
+
+
+class SwaV(SSLMethod):
+    """SwaV: swapped prediction of online cluster assignments. Each global view's soft codes,
+    computed by Sinkhorn-Knopp over the prototype scores, are predicted from every other view.
+
+    Multi-crop: ``views`` are the 2 global views followed by any number of local crops; codes
+    come from the global views only, every view predicts them (lightly's ``SwaVLoss``).
+    Projections are l2-normalized and the prototypes (lightly's ``SwaVPrototypes``) are
+    renormalized to the unit sphere before each step. The prototypes get no update during the
+    first ``freeze_prototypes_progress`` of training (:meth:`on_after_backward`).
+
+    Queue (for small batches): from ``queue_start_progress`` on, the projections of the global
+    views are pushed into one lightly ``MemoryBankModule`` per global view; once a queue has been
+    filled with ``queue_length`` entries, its prototype scores join the batch's in the
+    Sinkhorn step. The queues and their fill count are saved in ``state_dict``
+    (exact resume). ``queue_length=0`` turns the queue off.
+
+    Defaults: solo-learn's CIFAR ResNet-18 recipe (``scripts/pretrain/cifar/swav.yaml``):
+    projector 2048 -> 128, 3000 prototypes, temperature 0.1, Sinkhorn 3 iterations at epsilon
+    0.05, queue 3840 from epoch 50 of 1000 (0.05), prototypes frozen 2 of 1000 epochs (0.002),
+    LARS lr 0.6 (batch 256), weight decay 1e-6, eta 0.02. ``num_local_views`` defaults to 6,
+    lightly's ``SwaVTransform`` (2 x 224 + 6 x 96 in the SwaV paper; solo-learn's CIFAR config
+    uses 0).
+
+    Args:
+        backbone, feature_dim, regularizer, gamma: see :class:`SSLMethod`.
+        proj_hidden_dim, proj_output_dim: projector sizes.
+        num_prototypes: number of prototypes.
+        temperature: softmax temperature of the swapped prediction.
+        sinkhorn_iterations, sinkhorn_epsilon: Sinkhorn-Knopp settings.
+        queue_length: entries per queue (0: no queue).
+        queue_start_progress: fraction of training after which the queue is filled and used.
+        freeze_prototypes_progress: fraction of training with frozen prototypes.
+        num_local_views: local crops the augmentation should make (the method takes any number).
+        gather_distributed: Sinkhorn over the batches of all processes and queues fed by all
+            processes (DDP).
+    """
+
+    name = "swav"
+    augmentation = "swav"
+    multi_crop = True
+    default_optimizer = OptimizerDefaults(
+        name="lars",
+        lr=0.6,
+        weight_decay=1e-6,
+        source="solo-learn scripts/pretrain/cifar/swav.yaml (ResNet-18, batch 256)",
+    )
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        regularizer: str = "none",
+        gamma: float | None = None,
+        proj_hidden_dim: int = 2048,
+        proj_output_dim: int = 128,
+        num_prototypes: int = 3000,
+        temperature: float = 0.1,
+        sinkhorn_iterations: int = 3,
+        sinkhorn_epsilon: float = 0.05,
+        queue_length: int = 3840,
+        queue_start_progress: float = 0.05,
+        freeze_prototypes_progress: float = 0.002,
+        num_local_views: int = 6,
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(backbone, feature_dim, regularizer, gamma)
+        self.projection_head = SwaVProjectionHead(feature_dim, proj_hidden_dim, proj_output_dim)
+        self.prototypes = SwaVPrototypes(proj_output_dim, num_prototypes)
+        self.criterion = SwaVLoss(
+            temperature=temperature,
+            sinkhorn_iterations=sinkhorn_iterations,
+            sinkhorn_epsilon=sinkhorn_epsilon,
+            sinkhorn_gather_distributed=gather_distributed,
+        )
+        self.queue_length = queue_length
+        self.queue_start_progress = queue_start_progress
+        self.freeze_prototypes_progress = freeze_prototypes_progress
+        self.num_local_views = num_local_views
+        self.gather_distributed = gather_distributed
+        self.queues = (
+            nn.ModuleList(
+                persistent_memory_bank(
+                    MemoryBankModule(
+                        size=(queue_length, proj_output_dim),
+                        gather_distributed=gather_distributed,
+                        feature_dim_first=False,
+                    )
+                )
+                for _ in range(self.num_global_views)
+            )
+            if queue_length > 0
+            else None
+        )
+        # Entries pushed into each queue so far (a buffer: saved with the queues).
+        self.queued: Tensor
+        self.register_buffer("queued", torch.zeros((), dtype=torch.long))
+
+    def ssl_loss(self, views: Sequence[Tensor], progress: float) -> Tensor:
+        self.prototypes.normalize()
+        projections: list[Tensor] = []
+        for group in same_size_groups(views):
+            z = F.normalize(self.projection_head(self.features(torch.cat(group))), dim=1)
+            projections += z.chunk(len(group))
+        scores = [self.prototypes(z) for z in projections]
+        n_global = self.num_global_views
+        loss = self.criterion(
+            high_resolution_outputs=scores[:n_global],
+            low_resolution_outputs=scores[n_global:],
+            queue_outputs=self._queue_scores(projections[:n_global], progress),
+        )
+        return loss.reshape(())
+
+    @torch.no_grad()
+    def _queue_scores(
+        self, global_projections: list[Tensor], progress: float
+    ) -> list[Tensor] | None:
+        """Push the global projections; the prototype scores of the queues once they are full."""
+        if self.queues is None or not self.training or progress < self.queue_start_progress:
+            return None
+        # Each queue returns its content from before this batch was pushed.
+        queued = [
+            queue(z.detach(), update=True)[1] for queue, z in zip(self.queues, global_projections)
+        ]
+        full = int(self.queued) >= self.queue_length
+        pushed = global_projections[0].shape[0]
+        self.queued += pushed * (dist.world_size() if self.gather_distributed else 1)
+        if not full:
+            return None
+        return [self.prototypes(q.to(global_projections[0].device)) for q in queued]
+
+    def on_after_backward(self, progress: float) -> None:
+        if progress < self.freeze_prototypes_progress:
+            for p in self.prototypes.parameters():
+                p.grad = None

@@ -1,0 +1,434 @@
+"""The pretraining loop: views -> method loss + OR term -> optimizer, with exact resume.
+
+One step::
+
+    uint8 batch (resident on the device) -> batched augmentation -> views
+    -> method.training_loss (EMA update, SSL loss, OR term on the online backbone)
+    -> backward -> optimizer -> learning-rate schedule
+
+Every epoch appends a line to ``metrics.jsonl`` and writes ``checkpoint.pt`` atomically; the
+end of training evaluates the final weights (kNN and linear probe) into ``summary.json``.
+Calling :func:`pretrain` again with the same run directory resumes from the last checkpoint
+(model, optimizer, schedule, EMA targets, memory banks, RNG states, position); on the CPU the
+resumed run ends with weights bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightly
+import torch
+import yaml
+from lightly.utils.lars import LARS
+from lightly.utils.scheduler import CosineWarmupScheduler
+from tqdm.auto import tqdm
+
+from or_core.augment import MultiViewAugment, method_views
+from or_core.backbones import build_backbone
+from or_core.checkpoint import load_checkpoint, save_atomic
+from or_core.config import PretrainConfig
+from or_core.data import ImageTensors, batches, load_split
+from or_core.diagnostics import effective_rank, rankme, std_of_l2_normalized
+from or_core.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+from or_core.methods import SSLMethod, build_method
+from or_core.orthogonality import regularized_weights, so_penalty
+
+__all__ = ["NonFiniteLossError", "RunConfigMismatchError", "Run", "build_run", "training_step", "evaluate_dir", "evaluate_run", "pretrain"]
+
+CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE = (
+    "config.yaml",
+    "metrics.jsonl",
+    "checkpoint.pt",
+    "summary.json",
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class RunConfigMismatchError(ValueError):
+    """``--out`` already holds a run made with a different configuration."""
+
+
+def select_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when available, else the CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Run:
+    """The pieces of one run, built from its config (see :func:`build_run`)."""
+
+    cfg: PretrainConfig
+    device: torch.device
+    method: SSLMethod
+    augment: MultiViewAugment
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train: ImageTensors
+    steps_per_epoch: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _image_size(cfg: PretrainConfig, train: ImageTensors) -> int:
+    return cfg.image_size or int(train.images.shape[-1])
+
+
+def build_optimizer(method: SSLMethod, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """The method's published optimizer (LARS, SGD or AdamW), with the config's overrides.
+
+    The learning rate follows the linear scaling rule, ``lr * batch_size / 256``, unless
+    ``cfg.lr`` is given. Biases and normalization parameters get no weight decay.
+    """
+    defaults = method.default_optimizer
+    if cfg.backbone.startswith("vit") and getattr(method, "vit_optimizer", None) is not None:
+        defaults = method.vit_optimizer
+    name = cfg.optimizer or defaults.name
+    lr = cfg.lr if cfg.lr is not None else defaults.scaled_lr(cfg.batch_size)
+    weight_decay = cfg.weight_decay if cfg.weight_decay is not None else defaults.weight_decay
+    groups = method.parameter_groups(weight_decay)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=defaults.momentum, trust_coefficient=defaults.trust_coefficient)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=defaults.momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; valid optimizers: lars, sgd, adamw")
+
+
+def build_run(cfg: PretrainConfig) -> Run:
+    """Data, backbone, method (with its OR switch), augmentation, optimizer and schedule."""
+    device = select_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data_root = Path(os.path.expanduser(cfg.data_root))
+    train = load_split(cfg.dataset, "train", data_root, cfg.image_size, cfg.subset, cfg.seed)
+    if len(train) < cfg.batch_size:
+        raise ValueError(f"the training set has {len(train)} images, fewer than one batch of {cfg.batch_size}")
+    image_size = _image_size(cfg, train)
+    backbone, feature_dim = build_backbone(cfg.backbone, image_size=image_size, width=cfg.width)
+    method = build_method(
+        cfg.method, backbone, feature_dim, regularizer=cfg.regularizer, gamma=cfg.gamma, **cfg.method_kwargs
+    ).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
+    views = method_views(method.augmentation, image_size, n_local_views=method.num_local_views)
+    augment = MultiViewAugment(views)
+    optimizer = build_optimizer(method, cfg)
+    steps_per_epoch = len(train) // cfg.batch_size
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs is not None else method.default_optimizer.warmup_epochs
+    warmup_steps = min(warmup_epochs, cfg.epochs // 2) * steps_per_epoch
+    scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=warmup_steps, max_epochs=total_steps)
+    if cfg.compile:
+        method.backbone.compile()
+    return Run(
+        cfg, device, method, augment, optimizer, scheduler, train.to(device), steps_per_epoch,
+        tuple(views[0].mean), tuple(views[0].std),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The run directory
+# ----------------------------------------------------------------------------------------------
+def _prepare_run_dir(cfg: PretrainConfig, out: Path) -> None:
+    """Write ``config.yaml``, or check that the one there describes the same run."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CONFIG_FILE
+    current = cfg.to_dict()
+    if path.is_file():
+        saved = yaml.safe_load(path.read_text()) or {}
+        differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if differing:
+            raise RunConfigMismatchError(
+                f"{out} holds a run with a different configuration (fields {differing}); "
+                f"use another --out, or delete {out} to start over"
+            )
+        return
+    path.write_text(yaml.safe_dump(current, sort_keys=False))
+
+
+def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite ``metrics.jsonl`` from the history held in the checkpoint (atomic)."""
+    tmp = out / f".{METRICS_FILE}.tmp"
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in history))
+    os.replace(tmp, out / METRICS_FILE)
+
+
+def git_commit() -> str:
+    """The commit of the or_core checkout, or ``"unknown"`` outside a git checkout."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+            text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def _state(run: Run, epoch: int, step: int, history: list, augment_rng: torch.Generator, wall: float) -> dict:
+    return {
+        "epoch": epoch,
+        "global_step": step,
+        "method": run.method.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "augment_rng": augment_rng.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "history": history,
+        "train_wall_time_s": wall,
+        "config": run.cfg.to_dict(),
+    }
+
+
+def _restore(run: Run, state: dict, augment_rng: torch.Generator) -> None:
+    run.method.load_state_dict(state["method"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    augment_rng.set_state(state["augment_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def _epoch_order(cfg: PretrainConfig, epoch: int) -> torch.Generator:
+    """The batch order of ``epoch``: a function of the seed and the epoch alone."""
+    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+
+
+@torch.no_grad()
+def _probe_batch_stats(run: Run, probe: torch.Tensor) -> dict[str, float]:
+    feats = extract_features(run.method.backbone, probe, run.mean, run.std, device=run.device, amp=run.cfg.amp)
+    return {"effective_rank": effective_rank(feats), "std_of_l2_normalized": std_of_l2_normalized(feats).item()}
+
+
+def _first_bad(losses: list[torch.Tensor], start_step: int) -> tuple[int, float] | None:
+    """``(global step, value)`` of the first non-finite loss among ``losses``, if any."""
+    stacked = torch.stack(losses)
+    bad = (~torch.isfinite(stacked)).nonzero()
+    if bad.numel() == 0:
+        return None
+    i = int(bad[0, 0])
+    return start_step + i, float(stacked[i])
+
+
+def training_step(run: Run, images: torch.Tensor, progress: float, augment_rng: torch.Generator) -> dict[str, torch.Tensor]:
+    """One optimization step on a uint8 batch: augment, loss (+ OR term), backward, update.
+
+    Returns the method's loss terms, detached; nothing here waits for the device.
+    """
+    cfg, method = run.cfg, run.method
+    amp = cfg.amp and run.device.type == "cuda"
+    views = run.augment(images, generator=augment_rng)
+    if amp and cfg.channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = method.training_loss(views, progress)
+    run.optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    method.on_after_backward(progress)
+    run.optimizer.step()
+    run.scheduler.step()
+    method.on_train_step_end(progress)
+    return {k: v.detach().float() for k, v in out.items()}
+
+
+def _raise_non_finite(losses: list[torch.Tensor], first_step: int, epoch: int) -> None:
+    bad = _first_bad(losses, first_step)
+    if bad is not None:
+        raise NonFiniteLossError(
+            f"non-finite loss {bad[1]} at step {bad[0]} (epoch {epoch + 1}); stopped without "
+            f"saving: the last good checkpoint (epoch {epoch}) is kept"
+        )
+
+
+def train_epoch(run: Run, epoch: int, step: int, augment_rng: torch.Generator, bar: tqdm | None) -> tuple[dict, int]:
+    """One epoch of training; returns the epoch's mean losses and the new global step.
+
+    Losses are checked for NaN/inf every step on the CPU and every 50 steps on CUDA (each
+    check waits for the device); the error names the first bad step.
+    """
+    cfg = run.cfg
+    total_steps = cfg.epochs * run.steps_per_epoch
+    check_every = 1 if run.device.type == "cpu" else 50
+    run.method.train()
+    sums = {"ssl_loss": torch.zeros((), device=run.device), "or_term": torch.zeros((), device=run.device)}
+    pending: list[torch.Tensor] = []
+    pending_start = step
+    for images, _ in batches(run.train, cfg.batch_size, shuffle=True, generator=_epoch_order(cfg, epoch)):
+        out = training_step(run, images, step / total_steps, augment_rng)
+        pending.append(out["loss"])
+        if len(pending) >= check_every:
+            _raise_non_finite(pending, pending_start, epoch)
+            pending, pending_start = [], step + 1
+        sums["ssl_loss"] += out["ssl_loss"]
+        sums["or_term"] += out["or_term"]
+        step += 1
+        if bar is not None:
+            bar.update(1)
+    if pending:
+        _raise_non_finite(pending, pending_start, epoch)
+    means = {k: v.item() / run.steps_per_epoch for k, v in sums.items()}
+    return means, step
+
+
+def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, stop_after_epochs: int | None = None) -> dict[str, Any]:
+    """Pretrain (or resume) the run of ``cfg`` in ``out``; returns the summary.
+
+    Args:
+        cfg: the run's configuration.
+        out: run directory: ``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``,
+            ``summary.json``. If it holds a checkpoint of the same configuration, training
+            resumes from it; a finished run is returned as is.
+        progress: show a tqdm progress bar.
+        stop_after_epochs: return after this many epochs of this call (the run stays
+            resumable; no summary is written unless training is complete).
+    """
+    out = Path(out)
+    _prepare_run_dir(cfg, out)
+    summary_path = out / SUMMARY_FILE
+    run = build_run(cfg)
+    augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
+    state = load_checkpoint(out / CHECKPOINT_FILE)
+    epoch, step, history, wall = 0, 0, [], 0.0
+    if state is not None:
+        _restore(run, state, augment_rng)
+        epoch, step, history, wall = state["epoch"], state["global_step"], state["history"], state["train_wall_time_s"]
+        _write_metrics(out, history)
+        if epoch >= cfg.epochs and summary_path.is_file():
+            return json.loads(summary_path.read_text())
+    probe = load_split(cfg.dataset, "test", Path(os.path.expanduser(cfg.data_root)), cfg.image_size, 512, cfg.seed).images
+    bar = tqdm(total=cfg.epochs * run.steps_per_epoch, initial=step, disable=not progress, desc=f"{cfg.method}+{cfg.regularizer}")
+    epochs_this_call = 0
+    try:
+        while epoch < cfg.epochs:
+            if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+                return {"epoch": epoch, "finished": False}
+            start = time.perf_counter()
+            means, step = train_epoch(run, epoch, step, augment_rng, bar)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            wall += seconds
+            epoch += 1
+            epochs_this_call += 1
+            line = {
+                "epoch": epoch,
+                "step": step,
+                **means,
+                "lr": run.optimizer.param_groups[0]["lr"],
+                "images_per_s": run.steps_per_epoch * cfg.batch_size / seconds,
+                "epoch_time_s": seconds,
+                **_probe_batch_stats(run, probe),
+            }
+            history.append(line)
+            save_atomic(_state(run, epoch, step, history, augment_rng, wall), out / CHECKPOINT_FILE)
+            _write_metrics(out, history)
+            if bar is not None:
+                bar.set_postfix(loss=f"{means['ssl_loss']:.3f}", or_term=f"{means['or_term']:.2e}")
+    finally:
+        bar.close()
+    summary = evaluate_run(run, history, wall)
+    tmp = out / f".{SUMMARY_FILE}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, summary_path)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation of the final weights
+# ----------------------------------------------------------------------------------------------
+def evaluate_run(run: Run, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """kNN and linear probe of the final backbone, collapse scalars and provenance."""
+    cfg = run.cfg
+    root = Path(os.path.expanduser(cfg.data_root))
+    bank = load_split(cfg.dataset, "train", root, cfg.image_size, cfg.eval_train_subset, cfg.seed)
+    test = load_split(cfg.dataset, "test", root, cfg.image_size, cfg.eval_test_subset, cfg.seed)
+    backbone = run.method.backbone
+    train_feats = extract_features(backbone, bank.images, run.mean, run.std, device=run.device, amp=cfg.amp)
+    test_feats = extract_features(backbone, test.images, run.mean, run.std, device=run.device, amp=cfg.amp)
+    knn = knn_accuracy(train_feats, bank.labels, test_feats, test.labels, bank.num_classes, cfg.knn_k, cfg.knn_t)
+    linear = linear_probe_accuracy(
+        train_feats, bank.labels, test_feats, test.labels, bank.num_classes, epochs=cfg.linear_epochs, seed=cfg.seed
+    )
+    with torch.no_grad():
+        so_total = sum(so_penalty(w.detach()).item() for _, w in regularized_weights(backbone))
+    regularizer = run.method.regularizer
+    return {
+        "method": cfg.method,
+        "regularizer": cfg.regularizer,
+        "gamma": regularizer.gamma if regularizer is not None else None,
+        "backbone": cfg.backbone,
+        "width": cfg.width,
+        "dataset": cfg.dataset,
+        "profile": cfg.profile,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "train_images": len(run.train),
+        "image_size": _image_size(cfg, run.train),
+        "seed": cfg.seed,
+        "knn_k": cfg.knn_k,
+        "knn_t": cfg.knn_t,
+        "knn_top1": knn["top1"],
+        "knn_top5": knn["top5"],
+        "linear_top1": linear["top1"],
+        "linear_top5": linear["top5"],
+        "eval_train_images": len(bank),
+        "eval_test_images": len(test),
+        "effective_rank": effective_rank(test_feats),
+        "rankme": rankme(test_feats),
+        "std_of_l2_normalized": std_of_l2_normalized(test_feats).item(),
+        "or_so_total": so_total,
+        "final_ssl_loss": history[-1]["ssl_loss"] if history else math.nan,
+        "wall_time_s": wall,
+        "images_per_s": len(run.train) * cfg.epochs / wall if wall > 0 else math.nan,
+        "device": device_name(run.device),
+        "torch": torch.__version__,
+        "lightly": lightly.__version__,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def evaluate_dir(out: str | Path) -> dict[str, Any]:
+    """Re-evaluate the last checkpoint of the run in ``out`` and rewrite its ``summary.json``."""
+    out = Path(out)
+    config_path = out / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{out} is not a run directory: {config_path} is missing")
+    cfg = PretrainConfig(**(yaml.safe_load(config_path.read_text()) or {}))
+    state = load_checkpoint(out / CHECKPOINT_FILE)
+    if state is None:
+        raise FileNotFoundError(f"{out} has no {CHECKPOINT_FILE} to evaluate")
+    run = build_run(cfg)
+    run.method.load_state_dict(state["method"])
+    summary = evaluate_run(run, state["history"], state["train_wall_time_s"])
+    summary["evaluated_epoch"] = state["epoch"]
+    tmp = out / f".{SUMMARY_FILE}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out / SUMMARY_FILE)
+    return summary

@@ -1,0 +1,166 @@
+"""The pretraining engine on the real CIFAR-10: learning, resume, every method, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from or_core.config import PretrainConfig, resolve_config
+from or_core.methods import available_methods
+from or_core.train import NonFiniteLossError, RunConfigMismatchError, build_run, evaluate_run, pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(data_root: Path, **overrides) -> PretrainConfig:
+    """A run of seconds: a narrow ResNet-18 on 512 real CIFAR-10 images."""
+    values = dict(
+        dataset="cifar10", data_root=str(data_root), width=0.125, subset=512, epochs=2, batch_size=64,
+        eval_train_subset=500, eval_test_subset=200, linear_epochs=2, knn_k=20, profile="test",
+        method_kwargs={"proj_hidden_dim": 64, "proj_output_dim": 32},
+    )
+    values.update(overrides)
+    return PretrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def data_root(cifar10_dir: Path) -> Path:
+    """The folder holding the ``cifar10`` ImageFolder tree, so that ``dataset="cifar10"`` reads it."""
+    return cifar10_dir.parent
+
+
+def test_run_directory_holds_config_metrics_checkpoint_and_summary(data_root: Path, tmp_path: Path) -> None:
+    cfg = tiny(data_root, regularizer="so", gamma=1e-4)
+    summary = pretrain(cfg, tmp_path, progress=False)
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json"}
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for m in lines:
+        assert m["or_term"] > 0 and m["ssl_loss"] == m["ssl_loss"]
+        assert {"lr", "images_per_s", "effective_rank", "std_of_l2_normalized"} <= set(m)
+    required = {
+        "method", "regularizer", "gamma", "backbone", "dataset", "profile", "epochs", "knn_top1",
+        "linear_top1", "effective_rank", "or_so_total", "wall_time_s", "images_per_s", "device",
+        "torch", "lightly", "git_commit",
+    }
+    assert required <= set(summary)
+    assert summary == json.loads((tmp_path / "summary.json").read_text())
+    assert summary["gamma"] == 1e-4 and 0.0 <= summary["knn_top1"] <= 1.0
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == cfg.to_dict()
+    # a finished run is not trained again
+    again = pretrain(cfg, tmp_path, progress=False)
+    assert again == summary
+
+
+def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["method"]
+
+
+def test_resume_after_sigkill_is_bit_identical(data_root: Path, tmp_path: Path) -> None:
+    args = [
+        sys.executable, "-m", "or_core", "pretrain", "--method", "byol", "--regularizer", "srip",
+        "--dataset", "cifar10", "--data-root", str(data_root), "--width", "0.125", "--subset", "512",
+        "--epochs", "3", "--batch-size", "64", "--config", str(tmp_path / "small.yaml"), "--no-progress",
+    ]
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump({
+        "eval_train_subset": 500, "eval_test_subset": 200, "linear_epochs": 1, "knn_k": 20,
+        "method_kwargs": {"proj_hidden_dim": 64, "proj_output_dim": 32},
+    }))
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([*args, "--out", str(straight)], check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen([*args, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    metrics = killed / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = torch.load(killed / "checkpoint.pt", weights_only=False)["epoch"]
+    assert 1 <= done < 3, "the kill should land before the end of training"
+    subprocess.run([*args, "--out", str(killed)], check=True, env=env, capture_output=True)
+
+    a, b = _final_state(straight), _final_state(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_trains_with_a_finite_loss(method: str, data_root: Path, tmp_path: Path) -> None:
+    cfg = tiny(data_root, method=method, regularizer="so", epochs=1, subset=256)
+    run = build_run(cfg)
+    before = {k: v.clone() for k, v in run.method.backbone.state_dict().items()}
+    summary = pretrain(cfg, tmp_path, progress=False)
+    metrics = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert torch.isfinite(torch.tensor(metrics["ssl_loss"])) and metrics["or_term"] > 0
+    after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["method"]
+    changed = [k for k, v in before.items() if v.is_floating_point() and not torch.equal(v, after[f"backbone.{k}"])]
+    assert changed, "training must move the backbone"
+    assert summary["method"] == method
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny(data_root, epochs=3)
+    pretrain(cfg, tmp_path, progress=False, stop_after_epochs=1)
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+
+    from or_core.methods.base import SSLMethod
+
+    original = SSLMethod.training_loss
+
+    def poisoned(self, views, progress):
+        out = original(self, views, progress)
+        if progress >= 0.5:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(SSLMethod, "training_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 12 \(epoch 2\)"):
+        pretrain(cfg, tmp_path, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_clear_errors(data_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="byol"):
+        build_run(tiny(data_root, method="byoll"))
+    with pytest.raises(ValueError, match="cifar10"):
+        build_run(tiny(data_root, dataset="imagenet-1k"))
+    with pytest.raises((FileNotFoundError, ValueError), match="no-such-folder"):
+        build_run(tiny(data_root, dataset=str(tmp_path / "no-such-folder")))
+    with pytest.raises(ValueError, match="unknown profile 'tpu'; valid profiles: cpu, gpu"):
+        resolve_config("tpu")
+    (tmp_path / "bad.yaml").write_text("epochz: 3\n")
+    with pytest.raises(ValueError, match="unknown config field.*epochz"):
+        resolve_config("cpu", tmp_path / "bad.yaml")
+    cfg = tiny(data_root, epochs=1)
+    pretrain(cfg, tmp_path / "run", progress=False, stop_after_epochs=0)
+    with pytest.raises(RunConfigMismatchError, match="epochs"):
+        pretrain(tiny(data_root, epochs=2), tmp_path / "run", progress=False)
+
+
+def test_cli_help_lists_methods_datasets_and_profiles() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "or_core", "pretrain", "--help"], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
+    for name in [*available_methods(), "cifar10", "cifar100", "ImageFolder", "cpu", "gpu", "srip"]:
+        assert name in out
+    bad = subprocess.run(
+        [sys.executable, "-m", "or_core", "pretrain", "--method", "nope", "--out", "x"], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "invalid choice: 'nope'" in bad.stderr and "byol" in bad.stderr
