@@ -33,7 +33,7 @@ class PretrainConfig:
     backbone: str = "resnet18"
     width: float = 1.0
     dataset: str = "cifar10"
-    data_root: str = "~/.cache/or_core/data"
+    data_root: str = "~/.cache/or_core/datasets"
     image_size: int | None = None
     subset: int | None = None
     epochs: int = 200
@@ -43,6 +43,7 @@ class PretrainConfig:
     weight_decay: float | None = None
     warmup_epochs: int | None = None
     method_kwargs: dict[str, Any] = field(default_factory=dict)
+    augment_overrides: dict[str, Any] = field(default_factory=dict)
     knn_k: int = 200
     knn_t: float = 0.1
     eval_train_subset: int | None = None
@@ -109,7 +110,8 @@ def resolve_config(
 ) -> PretrainConfig:
     """Defaults, then ``profile``, then ``config_file``, then ``overrides`` (``None`` values skipped).
 
-    ``method_kwargs`` dictionaries are merged key by key rather than replaced.
+    ``method_kwargs`` and ``augment_overrides`` (fields of
+    :class:`or_core.augment.ViewConfig` for the full-size views) are merged key by key.
     """
     values: dict[str, Any] = {}
     if profile is not None:
@@ -128,7 +130,7 @@ def resolve_config(
 def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in new.items():
-        if key == "method_kwargs" and isinstance(value, dict):
+        if key in ("method_kwargs", "augment_overrides") and isinstance(value, dict):
             merged[key] = {**merged.get(key, {}), **value}
         else:
             merged[key] = value

@@ -11,10 +11,16 @@ end of training evaluates the final weights (kNN and linear probe) into ``summar
 Calling :func:`pretrain` again with the same run directory resumes from the last checkpoint
 (model, optimizer, schedule, EMA targets, memory banks, RNG states, position); on the CPU the
 resumed run ends with weights bit-identical to an uninterrupted one.
+
+Launched by ``torchrun`` with several processes, the same loop trains with
+``DistributedDataParallel`` (see :mod:`or_core.distributed`): ``batch_size`` is the global
+batch, each process trains on its shard of it, and rank 0 alone writes the run directory and
+evaluates.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -31,8 +37,10 @@ import torch
 import yaml
 from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
+from torch import nn
 from tqdm.auto import tqdm
 
+from or_core import distributed
 from or_core.augment import MultiViewAugment, method_views
 from or_core.backbones import build_backbone
 from or_core.checkpoint import load_checkpoint, save_atomic
@@ -70,7 +78,12 @@ def select_device(name: str) -> torch.device:
 
 @dataclass
 class Run:
-    """The pieces of one run, built from its config (see :func:`build_run`)."""
+    """The pieces of one run, built from its config (see :func:`build_run`).
+
+    ``module`` runs the forward: the ``DistributedDataParallel`` wrapper of ``method`` in a
+    multi-process run, ``method`` itself otherwise. ``method`` is always the unwrapped method
+    (hooks, ``state_dict``, evaluation).
+    """
 
     cfg: PretrainConfig
     device: torch.device
@@ -82,6 +95,11 @@ class Run:
     steps_per_epoch: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    module: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.module is None:
+            self.module = self.method
 
 
 def _image_size(cfg: PretrainConfig, train: ImageTensors) -> int:
@@ -111,21 +129,33 @@ def build_optimizer(method: SSLMethod, cfg: PretrainConfig) -> torch.optim.Optim
 
 
 def build_run(cfg: PretrainConfig) -> Run:
-    """Data, backbone, method (with its OR switch), augmentation, optimizer and schedule."""
-    device = select_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    """Data, backbone, method (with its OR switch), augmentation, optimizer and schedule.
+
+    In a multi-process run (an initialized process group) the device is ``cuda:LOCAL_RANK``
+    on CUDA, methods that take ``gather_distributed`` get it, and the method is wrapped in
+    ``DistributedDataParallel`` with synchronized batch norm (:mod:`or_core.distributed`).
+    """
+    device = distributed.local_device(select_device(cfg.device))
+    distributed.check_batch_size(cfg.batch_size)
     data_root = Path(os.path.expanduser(cfg.data_root))
     train = load_split(cfg.dataset, "train", data_root, cfg.image_size, cfg.subset, cfg.seed)
     if len(train) < cfg.batch_size:
         raise ValueError(f"the training set has {len(train)} images, fewer than one batch of {cfg.batch_size}")
     image_size = _image_size(cfg, train)
+    # Seeded after loading: decoding a split the first time draws from the global RNG
+    # (DataLoader workers), which must not change the initial weights.
+    torch.manual_seed(cfg.seed)
     backbone, feature_dim = build_backbone(cfg.backbone, image_size=image_size, width=cfg.width)
+    method_kwargs = distributed.method_kwargs(cfg.method, cfg.method_kwargs)
     method = build_method(
-        cfg.method, backbone, feature_dim, regularizer=cfg.regularizer, gamma=cfg.gamma, **cfg.method_kwargs
+        cfg.method, backbone, feature_dim, regularizer=cfg.regularizer, gamma=cfg.gamma, **method_kwargs
     ).to(device)
     if device.type == "cuda" and cfg.channels_last:
         method.to(memory_format=torch.channels_last)
+    module = distributed.wrap_method(method, device)
     views = method_views(method.augmentation, image_size, n_local_views=method.num_local_views)
+    if cfg.augment_overrides:  # e.g. {"min_scale": 0.2}, on the global (full-size) views only
+        views = [dataclasses.replace(v, **cfg.augment_overrides) if v.size == image_size else v for v in views]
     augment = MultiViewAugment(views)
     optimizer = build_optimizer(method, cfg)
     steps_per_epoch = len(train) // cfg.batch_size
@@ -137,16 +167,20 @@ def build_run(cfg: PretrainConfig) -> Run:
         method.backbone.compile()
     return Run(
         cfg, device, method, augment, optimizer, scheduler, train.to(device), steps_per_epoch,
-        tuple(views[0].mean), tuple(views[0].std),
+        tuple(views[0].mean), tuple(views[0].std), module,
     )
 
 
 # ----------------------------------------------------------------------------------------------
 # The run directory
 # ----------------------------------------------------------------------------------------------
-def _prepare_run_dir(cfg: PretrainConfig, out: Path) -> None:
-    """Write ``config.yaml``, or check that the one there describes the same run."""
-    out.mkdir(parents=True, exist_ok=True)
+def _prepare_run_dir(cfg: PretrainConfig, out: Path, write: bool = True) -> None:
+    """Write ``config.yaml`` (atomically), or check that the one there describes the same run.
+
+    With ``write=False`` (ranks other than 0) only an existing ``config.yaml`` is checked.
+    """
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     path = out / CONFIG_FILE
     current = cfg.to_dict()
     if path.is_file():
@@ -158,7 +192,10 @@ def _prepare_run_dir(cfg: PretrainConfig, out: Path) -> None:
                 f"use another --out, or delete {out} to start over"
             )
         return
-    path.write_text(yaml.safe_dump(current, sort_keys=False))
+    if write:
+        tmp = out / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(yaml.safe_dump(current, sort_keys=False))
+        os.replace(tmp, path)
 
 
 def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
@@ -242,11 +279,12 @@ def training_step(run: Run, images: torch.Tensor, progress: float, augment_rng: 
     """
     cfg, method = run.cfg, run.method
     amp = cfg.amp and run.device.type == "cuda"
-    views = run.augment(images, generator=augment_rng)
+    # Every process augments the whole global batch (same generator) and keeps its shard.
+    views = distributed.shard(run.augment(images, generator=augment_rng))
     if amp and cfg.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = method.training_loss(views, progress)
+        out = run.module(views, progress)  # method.training_loss, through DDP when wrapped
     run.optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     method.on_after_backward(progress)
@@ -257,6 +295,8 @@ def training_step(run: Run, images: torch.Tensor, progress: float, augment_rng: 
 
 
 def _raise_non_finite(losses: list[torch.Tensor], first_step: int, epoch: int) -> None:
+    if distributed.is_distributed():  # every process stops together if one of them diverged
+        losses = list(distributed.all_reduce_mean(torch.stack(losses)))
     bad = _first_bad(losses, first_step)
     if bad is not None:
         raise NonFiniteLossError(
@@ -291,7 +331,7 @@ def train_epoch(run: Run, epoch: int, step: int, augment_rng: torch.Generator, b
             bar.update(1)
     if pending:
         _raise_non_finite(pending, pending_start, epoch)
-    means = {k: v.item() / run.steps_per_epoch for k, v in sums.items()}
+    means = {k: distributed.all_reduce_mean(v).item() / run.steps_per_epoch for k, v in sums.items()}
     return means, step
 
 
@@ -306,9 +346,23 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, stop_a
         progress: show a tqdm progress bar.
         stop_after_epochs: return after this many epochs of this call (the run stays
             resumable; no summary is written unless training is complete).
+
+    Under ``torchrun`` with several processes this initializes (and at the end destroys) the
+    process group; every process trains and loads the checkpoint to resume, rank 0 alone writes
+    the run directory, shows the progress bar and evaluates. The other ranks return
+    ``{"epoch": ..., "finished": True, "rank": ...}`` once training is done.
     """
-    out = Path(out)
-    _prepare_run_dir(cfg, out)
+    owns_process_group = distributed.init_process_group(select_device(cfg.device))
+    try:
+        return _pretrain(cfg, Path(out), progress, stop_after_epochs)
+    finally:
+        if owns_process_group:
+            distributed.destroy_process_group()
+
+
+def _pretrain(cfg: PretrainConfig, out: Path, progress: bool, stop_after_epochs: int | None) -> dict[str, Any]:
+    main = distributed.is_main_process()
+    _prepare_run_dir(cfg, out, write=main)
     summary_path = out / SUMMARY_FILE
     run = build_run(cfg)
     augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
@@ -317,11 +371,12 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, stop_a
     if state is not None:
         _restore(run, state, augment_rng)
         epoch, step, history, wall = state["epoch"], state["global_step"], state["history"], state["train_wall_time_s"]
-        _write_metrics(out, history)
+        if main:
+            _write_metrics(out, history)
         if epoch >= cfg.epochs and summary_path.is_file():
             return json.loads(summary_path.read_text())
     probe = load_split(cfg.dataset, "test", Path(os.path.expanduser(cfg.data_root)), cfg.image_size, 512, cfg.seed).images
-    bar = tqdm(total=cfg.epochs * run.steps_per_epoch, initial=step, disable=not progress, desc=f"{cfg.method}+{cfg.regularizer}")
+    bar = tqdm(total=cfg.epochs * run.steps_per_epoch, initial=step, disable=not (progress and main), desc=f"{cfg.method}+{cfg.regularizer}")
     epochs_this_call = 0
     try:
         while epoch < cfg.epochs:
@@ -345,12 +400,15 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, stop_a
                 **_probe_batch_stats(run, probe),
             }
             history.append(line)
-            save_atomic(_state(run, epoch, step, history, augment_rng, wall), out / CHECKPOINT_FILE)
-            _write_metrics(out, history)
+            if main:
+                save_atomic(_state(run, epoch, step, history, augment_rng, wall), out / CHECKPOINT_FILE)
+                _write_metrics(out, history)
             if bar is not None:
                 bar.set_postfix(loss=f"{means['ssl_loss']:.3f}", or_term=f"{means['or_term']:.2e}")
     finally:
         bar.close()
+    if not main:
+        return {"epoch": epoch, "finished": True, "rank": distributed.rank()}
     summary = evaluate_run(run, history, wall)
     tmp = out / f".{SUMMARY_FILE}.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")

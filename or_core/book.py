@@ -1,0 +1,386 @@
+"""Build the book: execute the notebooks with papermill, then build the Jupyter Book.
+
+Usage::
+
+    python -m or_core.book                          # cpu profile, every notebook, strict build
+    python -m or_core.book --profile gpu            # the sizes a Colab user runs
+    python -m or_core.book --notebooks 02           # only notebooks whose name starts with 02
+    python -m or_core.book --skip-execute           # rebuild the HTML from the executed notebooks
+
+Steps:
+
+1. Every notebook ``notebooks/NN_*.ipynb`` (the committed sources, without outputs) is executed
+   by papermill with kernel ``python3`` and working directory ``notebooks/``, into
+   ``book/notebooks/<same name>.ipynb``. Its parameters come from the profile file
+   ``notebooks/profiles/<profile>.yaml``, a flat mapping shared by all notebooks; each notebook
+   receives the keys its ``parameters`` cell declares. A provenance note (command, date, run
+   time, machine, versions, commit) is added below the notebook's title. A failing notebook
+   stops everything with its name and the failing cell.
+2. ``jupyter-book build book --all -W -n --keep-going``: every page rebuilt, a warning fails
+   the build. The HTML lands in ``book/_build/html``.
+
+Inside a notebook, :func:`apply_profile` lets a reader switch profiles by editing one line
+(``profile = "gpu"``) instead of every size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import MutableMapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "REPO_ROOT",
+    "NOTEBOOKS_DIR",
+    "PROFILES_DIR",
+    "BOOK_DIR",
+    "BookError",
+    "load_profile",
+    "apply_profile",
+    "notebook_parameters",
+    "find_notebooks",
+    "execute_notebook",
+    "build_book",
+    "main",
+]
+
+#: The repository root (where ``notebooks/`` and ``book/`` are), for a clone or editable install.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+PROFILES_DIR = NOTEBOOKS_DIR / "profiles"
+BOOK_DIR = REPO_ROOT / "book"
+#: Where the executed notebooks go, relative to the book's root (git-ignored).
+EXECUTED_SUBDIR = "notebooks"
+#: The profile whose values the notebooks' ``parameters`` cells hold.
+DEFAULT_PROFILE = "cpu"
+KERNEL = "python3"
+
+
+class BookError(RuntimeError):
+    """A notebook failed or the book did not build; the message says which and where."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Profiles
+# ----------------------------------------------------------------------------------------------
+def _profile_path(profile: str | Path) -> Path:
+    """The YAML file of a profile: a path, or a name looked up in ``./profiles`` then the repo's."""
+    candidate = Path(profile)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise FileNotFoundError(f"profile file not found: {candidate}")
+        return candidate
+    searched = [Path.cwd() / "profiles", PROFILES_DIR]
+    for folder in searched:
+        path = folder / f"{profile}.yaml"
+        if path.is_file():
+            return path
+    available = sorted({p.stem for folder in searched if folder.is_dir() for p in folder.glob("*.yaml")})
+    raise FileNotFoundError(
+        f"profile {str(profile)!r} not found in {', '.join(str(f) for f in searched)}"
+        + (f"; available: {', '.join(available)}" if available else "")
+    )
+
+
+def load_profile(profile: str | Path) -> dict[str, Any]:
+    """The parameters of a profile (``"cpu"``, ``"gpu"`` or a YAML path) as a flat mapping.
+
+    Raises:
+        FileNotFoundError: no such profile (the message lists the available ones).
+        ValueError: the file is not a flat mapping of names to scalars or lists.
+    """
+    path = _profile_path(profile)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a profile must be a mapping of parameter names to values")
+    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    if nested:
+        raise ValueError(f"{path}: a profile is flat; nested mappings under {', '.join(nested)}")
+    return data
+
+
+def apply_profile(
+    profile: str, namespace: MutableMapping[str, Any], base: str = DEFAULT_PROFILE
+) -> dict[str, Any]:
+    """Switch a notebook's parameters to ``profile`` where they still hold ``base``'s values.
+
+    A notebook's ``parameters`` cell holds the ``base`` (cpu) profile's values. Called right
+    after it, ``apply_profile(profile, globals())`` replaces every parameter that still equals
+    its ``base`` value by ``profile``'s value, and keeps a value that was changed by hand or
+    injected by papermill. So editing ``profile = "gpu"`` alone switches every size, and
+    ``python -m or_core.book --profile gpu`` (which injects the gpu values) is left as it is.
+    With ``profile == base`` nothing is read or changed.
+
+    Returns:
+        ``{name: new value}`` of the parameters that were changed.
+    """
+    if profile == base:
+        return {}
+    defaults, chosen = load_profile(base), load_profile(profile)
+    changed = {}
+    for name, value in chosen.items():
+        at_default = name in namespace and name in defaults and namespace[name] == defaults[name]
+        if at_default and value != defaults[name]:
+            namespace[name] = value
+            changed[name] = value
+    return changed
+
+
+def notebook_parameters(notebook: Path, profile: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``profile`` that ``notebook``'s ``parameters`` cell declares."""
+    import papermill
+
+    declared = papermill.inspect_notebook(str(notebook))
+    return {name: value for name, value in profile.items() if name in declared}
+
+
+# ----------------------------------------------------------------------------------------------
+# Executing the notebooks
+# ----------------------------------------------------------------------------------------------
+def find_notebooks(selection: Sequence[str] | None = None, notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
+    """The source notebooks ``NN_*.ipynb``, sorted; with ``selection``, those whose name starts
+    with one of its entries (``"02"``, ``"02_or_theory"`` or ``"02_or_theory.ipynb"``).
+
+    Raises:
+        BookError: an entry of ``selection`` matches no notebook.
+    """
+    sources = sorted(p for p in notebooks_dir.glob("[0-9][0-9]_*.ipynb") if p.is_file())
+    if not selection:
+        return sources
+    chosen = []
+    for entry in selection:
+        stem = entry.removesuffix(".ipynb")
+        matches = [p for p in sources if p.stem.startswith(stem)]
+        if not matches:
+            names = ", ".join(p.name for p in sources) or "none"
+            raise BookError(f"no notebook matches {entry!r} in {notebooks_dir} (notebooks: {names})")
+        chosen += [p for p in matches if p not in chosen]
+    return sorted(chosen)
+
+
+def _git(*args: str) -> str | None:
+    """Output of a read-only git command in the repository, or None outside a git checkout."""
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # never write the index
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance(profile: str, seconds: float, command: str) -> dict[str, Any]:
+    """Where, when and with what a notebook was executed."""
+    import torch
+
+    from or_core import __version__
+
+    commit = _git("rev-parse", "--short=12", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else False
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return {
+        "command": command,
+        "profile": profile,
+        "executed_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "seconds": round(seconds, 1),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, {device}",
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "or_core": __version__,
+        "commit": commit,
+        "uncommitted_changes": dirty,
+    }
+
+
+def _provenance_markdown(info: dict[str, Any]) -> str:
+    commit = (
+        f"commit `{info['commit']}`" + (" with uncommitted changes" if info["uncommitted_changes"] else "")
+        if info["commit"]
+        else "outside a git checkout"
+    )
+    return (
+        "```{note}\n"
+        f"Executed with the **{info['profile']}** profile by `{info['command']}` on "
+        f"{info['executed_utc']} in {info['seconds']:.0f} s: {info['machine']}, "
+        f"torch threads: {info['torch_threads']}, Python {info['python']}, torch {info['torch']}, "
+        f"or_core {info['or_core']}, {commit}.\n"
+        "```"
+    )
+
+
+def _add_provenance(path: Path, info: dict[str, Any]) -> None:
+    """Record ``info`` in the executed notebook: metadata, and a note under its title."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["or_core"] = info
+    cell = nbformat.v4.new_markdown_cell(_provenance_markdown(info))
+    cell.metadata["tags"] = ["provenance"]
+    titles = [
+        i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.lstrip().startswith("# ")
+    ]
+    nb.cells.insert(titles[0] + 1 if titles else 0, cell)
+    nbformat.write(nb, path)
+
+
+def execute_notebook(
+    source: Path,
+    output: Path,
+    profile: str = DEFAULT_PROFILE,
+    *,
+    kernel: str = KERNEL,
+    command: str = "python -m or_core.book",
+) -> float:
+    """Execute ``source`` with papermill into ``output`` with ``profile``'s parameters.
+
+    The working directory is the source's folder (``notebooks/``), so that relative paths
+    (``profiles/``, ``../results``) work as they do for a reader.
+
+    Returns:
+        The seconds it took.
+
+    Raises:
+        BookError: the notebook raised (the message names it, the cell and the error) or its
+            kernel failed. The partly executed notebook is left at ``output``.
+    """
+    import papermill
+
+    params = notebook_parameters(source, load_profile(profile))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(source),
+            str(output),
+            parameters=params,
+            kernel_name=kernel,
+            cwd=str(source.parent),
+            progress_bar=False,
+        )
+    except papermill.PapermillExecutionError as err:
+        raise BookError(
+            f"notebook {source.name} failed in cell {err.cell_index} (execution count "
+            f"{err.exec_count}): {err.ename}: {err.evalue}\n  the executed notebook with the "
+            f"traceback: {output}"
+        ) from None
+    except Exception as err:  # kernel start-up, dead kernel, timeout, missing kernel spec
+        raise BookError(f"notebook {source.name} could not be executed: {type(err).__name__}: {err}") from err
+    seconds = time.perf_counter() - start
+    _add_provenance(output, provenance(str(profile), seconds, command))
+    return seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the HTML
+# ----------------------------------------------------------------------------------------------
+def build_book(book_dir: Path = BOOK_DIR, strict: bool = True) -> float:
+    """``jupyter-book build BOOK --all [-W -n --keep-going]``; returns the seconds it took.
+
+    Raises:
+        BookError: the build failed (with ``strict``, any warning fails it); the message holds
+            the end of its output.
+    """
+    args = ["build", str(book_dir), "--all"]
+    if strict:
+        args += ["-W", "-n", "--keep-going"]
+    entry = "from jupyter_book.cli.main import main; main(prog_name='jupyter-book')"
+    cmd = [sys.executable, "-c", entry, *args]  # the jupyter-book of this interpreter
+    print(f"$ jupyter-book {' '.join(shlex.quote(a) for a in args)}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    log = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)  # no terminal colours
+    if proc.returncode != 0:
+        warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
+        shown = "\n".join(warnings[-30:]) or "\n".join(log.splitlines()[-40:])
+        raise BookError(f"jupyter-book build failed (exit {proc.returncode}):\n{shown}")
+    return seconds
+
+
+def _stale_outputs(executed_dir: Path, sources: Sequence[Path]) -> list[Path]:
+    names = {p.name for p in sources}
+    return [p for p in executed_dir.glob("*.ipynb") if p.name not in names]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m or_core.book",
+        description="Execute the notebooks with papermill and build the Jupyter Book (strict).",
+    )
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="cpu (default), gpu, or a YAML file")
+    parser.add_argument(
+        "--notebooks", nargs="+", default=None, metavar="NN", help="only these notebooks (name prefixes)"
+    )
+    parser.add_argument(
+        "--skip-execute", action="store_true", help="build from the notebooks executed before"
+    )
+    parser.add_argument("--skip-build", action="store_true", help="execute the notebooks only")
+    parser.add_argument(
+        "--book-dir", type=Path, default=BOOK_DIR, help="the book's source folder (default: book/)"
+    )
+    parser.add_argument(
+        "--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help="the source notebooks (default: notebooks/)"
+    )
+    parser.add_argument("--kernel", default=KERNEL, help="Jupyter kernel (default: python3)")
+    args = parser.parse_args(argv)
+
+    book_dir = args.book_dir.resolve()
+    notebooks_dir = args.notebooks_dir.resolve()
+    executed_dir = book_dir / EXECUTED_SUBDIR
+    command = "python -m or_core.book"
+    if args.profile != DEFAULT_PROFILE:
+        command += f" --profile {args.profile}"
+    timings: dict[str, float] = {}
+    total = time.perf_counter()
+    try:
+        if not args.skip_execute:
+            load_profile(args.profile)  # fail early on an unknown profile
+            sources = find_notebooks(args.notebooks, notebooks_dir)
+            if not sources:
+                raise BookError(f"no notebooks NN_*.ipynb in {notebooks_dir}")
+            if not args.notebooks:
+                for stale in _stale_outputs(executed_dir, sources):
+                    print(f"removing {stale} (its source notebook is gone)")
+                    stale.unlink()
+            for source in sources:
+                print(f"executing {source.name} ({args.profile} profile) ...", flush=True)
+                seconds = execute_notebook(
+                    source, executed_dir / source.name, args.profile, kernel=args.kernel, command=command
+                )
+                timings[source.name] = seconds
+                print(f"  {source.name}: {seconds:.1f} s", flush=True)
+        if not args.skip_build:
+            if not list(executed_dir.glob("*.ipynb")):
+                raise BookError(f"no executed notebooks in {executed_dir}: run without --skip-execute")
+            timings["jupyter-book build"] = build_book(book_dir)
+    except BookError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    timings["total"] = time.perf_counter() - total
+
+    print("\ntimings:")
+    for name, seconds in timings.items():
+        print(f"  {name:<32}{seconds:8.1f} s")
+    if not args.skip_build:
+        print(f"\nthe book: {book_dir / '_build' / 'html' / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

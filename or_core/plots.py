@@ -1,0 +1,332 @@
+"""The book's figures: small matplotlib / seaborn functions, each returning its ``Figure``.
+
+Plotting only: every function takes numbers that were computed elsewhere (by
+:mod:`or_core.diagnostics`, :mod:`or_core.orthogonality` or a notebook cell) and draws them. The
+figures follow He, Du & Ma (NeurIPS 2024): spectra are sorted in descending order, divided by
+their largest value and drawn on a log scale.
+
+Example::
+
+    from or_core import weight_spectra
+    from or_core.plots import plot_spectra
+
+    fig = plot_spectra(weight_spectra(backbone), title="ResNet-18 conv weights at init")
+    fig.savefig("spectra.png")
+
+Inside a notebook, assign the result (``fig = plot_spectra(...)``): the inline backend shows the
+figure once when the cell ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from torch import Tensor
+
+__all__ = [
+    "plot_spectra",
+    "plot_curves",
+    "plot_singular_value_trajectories",
+    "plot_power_iteration",
+    "plot_or_cost",
+]
+
+#: Seaborn style of every figure (a white grid, light enough for log-scale decay plots).
+STYLE = "whitegrid"
+#: Seaborn palette of categorical series (distinguishable with colour-vision deficiencies).
+PALETTE = "colorblind"
+
+#: What the functions accept as numbers: a tensor (any device, with or without grad), an array or a
+#: sequence of floats.
+ArrayLike = Tensor | np.ndarray | Sequence[float]
+
+
+def _array(values: ArrayLike) -> np.ndarray:
+    """A float64 numpy array from a tensor (any device, with or without grad) or a sequence."""
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def _figure(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    """The figure and axes to draw on: ``ax``'s own, or a new constrained-layout figure."""
+    if ax is not None:
+        return ax.get_figure(), ax  # type: ignore[return-value]
+    fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return fig, ax
+
+
+def _colors(n: int) -> list:
+    return sns.color_palette(PALETTE, max(n, 1))
+
+
+#: Line styles cycled with the colours, so that series drawn on top of each other stay visible.
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _style(i: int) -> str:
+    return LINESTYLES[i % len(LINESTYLES)]
+
+
+def _format(value: float) -> str:
+    """A duration without scientific notation: 1,720 / 235 / 54.9 / 3.12 / 0.0412."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def plot_spectra(
+    spectra: Mapping[str, ArrayLike],
+    title: str | None = None,
+    *,
+    normalize: bool = True,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    relative_index: bool = False,
+    ax: Axes | None = None,
+    figsize: tuple[float, float] = (6.0, 4.0),
+) -> Figure:
+    """Decay of sorted spectra on a log scale, one line per entry of ``spectra``.
+
+    Each spectrum (eigenvalues or singular values) is sorted in descending order and, with
+    ``normalize``, divided by its largest value, as in He, Du & Ma (2024), Figures 2 and 3:
+    a flat line at 1 is an isotropic spectrum, a fast decay is dimensional collapse. Zeros
+    cannot be drawn on a log axis and are left out.
+
+    Args:
+        spectra: ``{label: values}``; tensors or arrays of any length.
+        title: the axes title.
+        normalize: divide each spectrum by its largest value.
+        xlabel, ylabel: axis labels (defaults: the index, and ``"value / largest"`` or ``"value"``).
+        relative_index: put ``i / (len - 1)`` on the x axis, so that spectra of different
+            lengths span the same range.
+        ax: draw on these axes instead of a new figure.
+        figsize: size of a new figure, in inches.
+    """
+    with sns.axes_style(STYLE):
+        fig, ax = _figure(ax, figsize)
+        for i, ((label, values), color) in enumerate(zip(spectra.items(), _colors(len(spectra)))):
+            v = np.sort(_array(values).ravel())[::-1]
+            if normalize and v.size and v[0] > 0:
+                v = v / v[0]
+            x = np.arange(v.size, dtype=np.float64)
+            if relative_index and v.size > 1:
+                x = x / (v.size - 1)
+            keep = v > 0
+            ax.plot(x[keep], v[keep], label=label, color=color, ls=_style(i), lw=1.6)
+        ax.set_yscale("log")
+        default_xlabel = "index / (count - 1)" if relative_index else "index (sorted, descending)"
+        ax.set_xlabel(xlabel or default_xlabel)
+        ax.set_ylabel(ylabel or ("value / largest" if normalize else "value"))
+        if title:
+            ax.set_title(title)
+        if spectra:
+            ax.legend(fontsize="small")
+    return fig
+
+
+def plot_curves(
+    curves: Mapping[str, ArrayLike],
+    title: str | None = None,
+    *,
+    x: ArrayLike | None = None,
+    xlabel: str = "step",
+    ylabel: str = "value",
+    logy: bool = True,
+    hlines: Mapping[str, float] | None = None,
+    ax: Axes | None = None,
+    figsize: tuple[float, float] = (6.0, 4.0),
+) -> Figure:
+    """Several series against a common x (steps by default), with optional labelled levels.
+
+    Args:
+        curves: ``{label: values}``; each series is drawn against ``0, 1, 2, ...`` unless ``x``
+            is given.
+        title: the axes title.
+        x: common x values (as long as every series).
+        xlabel, ylabel: axis labels.
+        logy: log-scale y axis (non-positive values are left out).
+        hlines: ``{label: level}``: dashed horizontal lines, e.g. a penalty's floor.
+        ax: draw on these axes instead of a new figure.
+        figsize: size of a new figure, in inches.
+    """
+    with sns.axes_style(STYLE):
+        fig, ax = _figure(ax, figsize)
+        colors = _colors(len(curves) + len(hlines or {}))
+        for i, ((label, values), color) in enumerate(zip(curves.items(), colors)):
+            y = _array(values).ravel()
+            xs = np.arange(y.size) if x is None else _array(x).ravel()
+            keep = y > 0 if logy else np.isfinite(y)
+            ax.plot(xs[keep], y[keep], label=label, color=color, ls=_style(i), lw=1.4)
+        for (label, level), color in zip((hlines or {}).items(), colors[len(curves) :]):
+            ax.axhline(level, ls=(0, (6, 3)), lw=1.0, color=color, label=label)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(title)
+        if curves or hlines:
+            ax.legend(fontsize="small")
+    return fig
+
+
+def plot_singular_value_trajectories(
+    trajectories: Mapping[str, ArrayLike],
+    title: str | None = None,
+    *,
+    target: float | None = 1.0,
+    ncols: int = 2,
+    logy: bool = False,
+    cmap: str = "viridis",
+    panel_size: tuple[float, float] = (4.2, 3.2),
+) -> Figure:
+    """Every singular value of a weight over the steps of an optimization, one panel per run.
+
+    Each line is one singular value ``s_i`` (the ``i``-th largest at every step), coloured by
+    ``i`` from the largest (dark) to the smallest (light), so that a panel shows at a glance
+    whether a penalty moves the whole spectrum (SO) or only its extremes (SRIP).
+
+    Args:
+        trajectories: ``{panel title: (steps, r) values}``, row ``t`` the singular values after
+            ``t`` steps.
+        title: the figure title.
+        target: a dashed line at this value (the orthogonal weight's ``s_i = 1``); ``None``
+            draws none.
+        ncols: panels per row.
+        logy: log-scale y axes.
+        cmap: matplotlib colormap of the singular-value index.
+        panel_size: size of one panel, in inches.
+    """
+    n = max(len(trajectories), 1)
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    with sns.axes_style(STYLE):
+        fig, axes = plt.subplots(
+            nrows,
+            ncols,
+            figsize=(panel_size[0] * ncols, panel_size[1] * nrows),
+            layout="constrained",
+            sharey=not logy,
+            squeeze=False,
+        )
+        colormap = plt.get_cmap(cmap)
+        for ax, (label, values) in zip(axes.flat, trajectories.items()):
+            s = _array(values)
+            s = s.reshape(s.shape[0], -1)
+            steps = np.arange(s.shape[0])
+            r = s.shape[1]
+            for i in range(r):
+                ax.plot(steps, s[:, i], color=colormap(0.9 * i / max(r - 1, 1)), lw=0.8, alpha=0.8)
+            if target is not None:
+                ax.axhline(target, color="black", ls="--", lw=1.0)
+            if logy:
+                ax.set_yscale("log")
+            ax.set_title(label, fontsize="medium")
+            ax.set_xlabel("step")
+            ax.set_ylabel("singular value")
+        for ax in list(axes.flat)[len(trajectories) :]:
+            ax.set_visible(False)
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def plot_power_iteration(
+    errors: Mapping[str, ArrayLike],
+    title: str | None = None,
+    *,
+    x: ArrayLike | None = None,
+    xlabel: str = "power iterations",
+    ylabel: str = "relative error of the estimate",
+    ax: Axes | None = None,
+    figsize: tuple[float, float] = (6.0, 4.0),
+) -> Figure:
+    """Convergence of power-iteration estimates: relative error against iterations, log scale.
+
+    A series of shape ``(iterations,)`` is drawn as a line; one of shape ``(starts, iterations)``
+    (one row per random start vector) as its median with a band from the smallest to the
+    largest error. Errors of exactly zero (converged to the last bit) are left out.
+
+    Args:
+        errors: ``{label: errors}``, e.g. ``|estimate - sigma| / sigma``.
+        title: the axes title.
+        x: x values shared by all series (default ``0, 1, 2, ...``).
+        xlabel, ylabel: axis labels.
+        ax: draw on these axes instead of a new figure.
+        figsize: size of a new figure, in inches.
+    """
+    with sns.axes_style(STYLE):
+        fig, ax = _figure(ax, figsize)
+        for (label, values), color in zip(errors.items(), _colors(len(errors))):
+            e = _array(values)
+            e = e.reshape(1, -1) if e.ndim == 1 else e.reshape(e.shape[0], -1)
+            xs = np.arange(e.shape[1]) if x is None else _array(x).ravel()
+            median = np.median(e, axis=0)
+            keep = median > 0
+            ax.plot(xs[keep], median[keep], color=color, lw=1.6, label=label)
+            if e.shape[0] > 1:
+                lo, hi = e.min(axis=0), e.max(axis=0)
+                band = hi > 0
+                lo = np.where(lo > 0, lo, np.nan)
+                ax.fill_between(xs[band], lo[band], hi[band], color=color, alpha=0.2, lw=0)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(title)
+        if errors:
+            ax.legend(fontsize="small")
+    return fig
+
+
+def plot_or_cost(
+    times: Mapping[str, ArrayLike],
+    title: str | None = None,
+    *,
+    unit: str = "ms",
+    log: bool | None = None,
+    annotate: bool = True,
+    ax: Axes | None = None,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Seconds per call of each variant: horizontal bars at the median, whiskers from min to max.
+
+    Args:
+        times: ``{variant: seconds per repeat}`` (one value or several).
+        title: the axes title.
+        unit: ``"s"``, ``"ms"`` or ``"us"``: the unit of the axis and the labels.
+        log: log-scale axis; ``None`` chooses it when the medians span more than 30x.
+        annotate: write each median next to its bar.
+        ax: draw on these axes instead of a new figure.
+        figsize: size of a new figure (default: grows with the number of variants).
+    """
+    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
+    labels = list(times)
+    samples = [_array(times[k]).ravel() * scale for k in labels]
+    medians = np.array([np.median(s) for s in samples])
+    lows = medians - np.array([s.min() for s in samples])
+    highs = np.array([s.max() for s in samples]) - medians
+    if log is None:
+        positive = medians[medians > 0]
+        log = positive.size > 1 and positive.max() / positive.min() > 30
+    with sns.axes_style(STYLE):
+        fig, ax = _figure(ax, figsize or (7.0, 0.55 * len(labels) + 1.3))
+        y = np.arange(len(labels))
+        ax.barh(y, medians, xerr=[lows, highs], color=_colors(len(labels)), capsize=3, height=0.6)
+        ax.set_yticks(y, labels)
+        ax.invert_yaxis()
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(f"time per call ({unit}; median, whiskers min to max)")
+        if annotate:
+            for yi, m, hi in zip(y, medians, highs):
+                x_text = (m + hi) * 1.08 if log else m + hi
+                ax.text(x_text, yi, f" {_format(m)} {unit}", va="center", fontsize="small")
+            ax.set_xlim(right=ax.get_xlim()[1] * (3.0 if log else 1.2))
+        if title:
+            ax.set_title(title)
+    return fig

@@ -1,0 +1,282 @@
+"""The book: source notebooks, profiles, and a strict build from the cpu profile.
+
+The build test runs ``python -m or_core.book`` (papermill on every notebook, then
+``jupyter-book build -W``) on a copy of ``book/``, so a reader's own build is left alone, and
+checks the HTML: every page, every figure, every Colab link. It is skipped when the book's
+dependencies (papermill, jupyter-book, matplotlib, seaborn, pandas) are not installed.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO_ROOT / "notebooks"
+PROFILES = NOTEBOOKS / "profiles"
+BOOK = REPO_ROOT / "book"
+SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+COLAB = "https://colab.research.google.com/github"
+#: One notebook's cpu-profile run plus the build stay well inside this.
+BUILD_TIMEOUT_S = 170
+
+
+def _profile(name: str) -> dict:
+    return yaml.safe_load((PROFILES / f"{name}.yaml").read_text())
+
+
+def _notebook(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _source(cell: dict) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The committed sources
+# ----------------------------------------------------------------------------------------------
+def test_there_are_notebooks() -> None:
+    assert SOURCES, f"no NN_*.ipynb notebooks in {NOTEBOOKS}"
+    assert (NOTEBOOKS / "02_or_theory.ipynb") in SOURCES
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_source_notebook_is_committed_without_outputs(path: Path) -> None:
+    nb = _notebook(path)
+    assert nb["nbformat"] == 4
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [], f"{path.name}: cell {i} has outputs"
+            assert cell.get("execution_count") is None, f"{path.name}: cell {i} has an execution count"
+    assert "papermill" not in nb["metadata"], f"{path.name} is an executed copy"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_source_notebook_has_a_parameters_cell_with_the_cpu_defaults(path: Path) -> None:
+    cells = [c for c in _notebook(path)["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, f"{path.name}: {len(cells)} cells tagged 'parameters'"
+    assert cells[0]["cell_type"] == "code"
+    defaults = {}
+    for node in ast.parse(_source(cells[0])).body:
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1, "only `name = literal` lines"
+        defaults[node.targets[0].id] = ast.literal_eval(node.value)
+    cpu, gpu = _profile("cpu"), _profile("gpu")
+    assert defaults.get("profile") == "cpu"
+    for name, value in defaults.items():
+        assert name in cpu and name in gpu, f"{path.name}: parameter {name!r} missing from a profile"
+        assert value == cpu[name], f"{path.name}: {name} = {value!r}, the cpu profile says {cpu[name]!r}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_first_code_cell_installs_or_core_on_colab_only(path: Path) -> None:
+    first = next(c for c in _notebook(path)["cells"] if c["cell_type"] == "code")
+    source = _source(first)
+    repo_url = yaml.safe_load((BOOK / "_config.yml").read_text())["repository"]["url"]
+    assert 'if "google.colab" in sys.modules:' in source
+    assert repo_url in source
+    # Outside Colab the cell must do nothing: run it.
+    namespace: dict = {}
+    exec(compile(source, "<colab cell>", "exec"), namespace)  # noqa: S102
+    assert "google.colab" not in sys.modules
+
+
+def test_profiles_are_flat_with_the_same_keys() -> None:
+    cpu, gpu = _profile("cpu"), _profile("gpu")
+    assert cpu["profile"] == "cpu" and gpu["profile"] == "gpu"
+    assert set(cpu) == set(gpu)
+    for value in [*cpu.values(), *gpu.values()]:
+        assert not isinstance(value, dict)
+
+
+def test_apply_profile_keeps_values_changed_by_hand() -> None:
+    from or_core.book import apply_profile
+
+    cpu, gpu = _profile("cpu"), _profile("gpu")
+    namespace = dict(cpu, theory_gd_steps=7)
+    changed = apply_profile("gpu", namespace)
+    assert namespace["theory_gd_steps"] == 7
+    assert namespace["theory_samples"] == gpu["theory_samples"] != cpu["theory_samples"]
+    assert "theory_gd_steps" not in changed and "theory_samples" in changed
+    assert apply_profile("cpu", namespace) == {}
+
+
+def test_toc_config_and_bibliography() -> None:
+    toc = yaml.safe_load((BOOK / "_toc.yml").read_text())
+    config = yaml.safe_load((BOOK / "_config.yml").read_text())
+    assert toc["root"] == "intro"
+    assert config["execute"]["execute_notebooks"] == "off"
+    assert config["repository"]["path_to_book"] == ""
+    assert config["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    bib = (BOOK / "references.bib").read_text()
+    for key in ("he2024preventing", "bansal2018orthogonality", "susmelj2020lightly",
+                "dacosta2022sololearn", "garrido2023rankme", "roy2007effective", "grill2020byol"):
+        assert "{" + key + "," in bib
+
+
+# ----------------------------------------------------------------------------------------------
+# The build
+# ----------------------------------------------------------------------------------------------
+def _book_dependencies() -> None:
+    for module in ("papermill", "jupyter_book", "matplotlib", "seaborn", "pandas", "ipykernel"):
+        pytest.importorskip(module)
+
+
+class _Links(HTMLParser):
+    """The ``src`` of every ``<img>`` and the ``href`` of every ``<a>`` of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "img" and attributes.get("src"):
+            self.images.append(attributes["src"])  # type: ignore[arg-type]
+        if tag == "a" and attributes.get("href"):
+            self.links.append(attributes["href"])  # type: ignore[arg-type]
+
+
+def _parse(page: Path) -> _Links:
+    parser = _Links()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of book/ built by ``python -m or_core.book`` with the cpu profile."""
+    _book_dependencies()
+    book = tmp_path_factory.mktemp("book") / "book"
+    shutil.copytree(BOOK, book, ignore=shutil.ignore_patterns("_build", "notebooks", ".ipynb_checkpoints"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "or_core.book", "--profile", "cpu", "--book-dir", str(book)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "timings:" in proc.stdout
+    return book
+
+
+def test_book_pages_exist(built_book: Path) -> None:
+    html = built_book / "_build" / "html"
+    for page in ("index.html", "intro.html", "reproduce.html", "bibliography.html"):
+        assert (html / page).is_file(), page
+    for source in SOURCES:
+        assert (html / "notebooks" / f"{source.stem}.html").is_file(), source.name
+    assert "Bansal" in (html / "bibliography.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_executed_notebook_has_outputs_and_provenance(built_book: Path, source: Path) -> None:
+    nb = _notebook(built_book / "notebooks" / source.name)
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(o.get("output_type") != "error" for c in code for o in c["outputs"])
+    assert nb["metadata"]["or_core"]["profile"] == "cpu"
+    assert any("provenance" in c["metadata"].get("tags", []) for c in nb["cells"])
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_every_figure_is_embedded_or_an_existing_file(built_book: Path, source: Path) -> None:
+    page = built_book / "_build" / "html" / "notebooks" / f"{source.stem}.html"
+    images = _parse(page).images
+    figures = [src for src in images if "_images/" in src or src.startswith("data:image/")]
+    if source.name == "02_or_theory.ipynb":
+        assert len(figures) >= 6, f"{len(figures)} figures on the page"
+    for src in images:
+        if src.startswith("data:image/"):
+            continue
+        assert "://" not in src, f"{page.name}: image from elsewhere: {src}"
+        assert (page.parent / src.split("#")[0]).is_file(), f"{page.name}: missing image {src}"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_colab_link_opens_the_committed_source(built_book: Path, source: Path) -> None:
+    page = built_book / "_build" / "html" / "notebooks" / f"{source.stem}.html"
+    repo = yaml.safe_load((BOOK / "_config.yml").read_text())["repository"]["url"]
+    owner_name = repo.removeprefix("https://github.com/")
+    expected = f"{COLAB}/{owner_name}/blob/main/notebooks/{source.name}"
+    colab = sorted({href for href in _parse(page).links if href.startswith("https://colab.")})
+    assert colab == [expected]
+    assert (REPO_ROOT / "notebooks" / source.name).is_file()
+
+
+def test_a_failing_notebook_stops_the_build_with_its_name(tmp_path: Path) -> None:
+    _book_dependencies()
+    import nbformat
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('raise ValueError("boom")')])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, notebooks / "07_broken.ipynb")
+    proc = subprocess.run(
+        [sys.executable, "-m", "or_core.book", "--notebooks-dir", str(notebooks),
+         "--book-dir", str(tmp_path / "book")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "07_broken.ipynb failed" in proc.stderr and "ValueError: boom" in proc.stderr
+    assert "jupyter-book build" not in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# The figures
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture()
+def plots():
+    pytest.importorskip("seaborn")
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from or_core import plots
+
+    yield plots
+    plt.close("all")
+
+
+def test_plots_return_figures_with_log_scales(plots) -> None:
+    import torch
+
+    spectra = {
+        "flat": torch.ones(8),
+        "decaying": torch.logspace(0, -3, 8),
+        "with zeros": torch.tensor([2.0, 1.0, 0.0]),
+    }
+    fig = plots.plot_spectra(spectra, "spectra")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and len(ax.lines) == 3
+    assert ax.lines[0].get_ydata().tolist() == [1.0] * 8  # normalized by the largest value
+    assert ax.lines[2].get_ydata().tolist() == [1.0, 0.5]  # zeros left out of the log axis
+
+    fig = plots.plot_curves({"a": [3.0, 2.0, 1.0]}, hlines={"floor": 1.0})
+    assert fig.axes[0].get_yscale() == "log" and len(fig.axes[0].lines) == 2
+
+    panels = {"SO": torch.rand(5, 4), "SRIP": torch.rand(5, 4), "third": torch.rand(5, 4)}
+    fig = plots.plot_singular_value_trajectories(panels)  # 2 columns: 3 panels and a hidden one
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 3 and all(len(ax.lines) == 4 + 1 for ax in visible)  # 4 values + the target
+
+    fig = plots.plot_power_iteration({"starts": torch.rand(4, 10) + 1e-3, "one": torch.rand(10) + 1e-3})
+    assert fig.axes[0].get_yscale() == "log" and len(fig.axes[0].lines) == 2
+
+    fig = plots.plot_or_cost({"fast": [0.001, 0.002], "slow": [1.0, 1.2]})
+    assert fig.axes[0].get_xscale() == "log"  # medians 500x apart
+    fig = plots.plot_or_cost({"a": [0.01], "b": [0.02]}, unit="s")
+    assert fig.axes[0].get_xscale() == "linear"
