@@ -124,7 +124,25 @@ def resolve_config(
         clean = {k: v for k, v in overrides.items() if v is not None}
         _check_keys(clean, "overrides")
         values = _merge(values, clean)
-    return PretrainConfig(**values)
+    return PretrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+_NUMBER_FIELDS = {
+    f.name: (float if "float" in str(f.type) else int)
+    for f in dataclasses.fields(PretrainConfig)
+    if "float" in str(f.type) or str(f.type).startswith("int")
+}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Numbers written as strings become numbers: YAML 1.1 reads ``5e-4`` as the string "5e-4"."""
+    kind = _NUMBER_FIELDS.get(key)
+    if kind is None or not isinstance(value, str):
+        return value
+    try:
+        return kind(float(value)) if kind is int and float(value).is_integer() else kind(value)
+    except ValueError:
+        raise ValueError(f"config field {key!r} must be a number, got {value!r}") from None
 
 
 def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
