@@ -42,6 +42,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from or_core.checkpoint import save_atomic
+
 __all__ = [
     "DATASET_NAMES",
     "CorruptImageError",
@@ -659,17 +661,7 @@ def _as_dict(data: ImageTensors) -> dict:
 
 def _write_cache(path: Path, data: ImageTensors) -> None:
     """Save ``data`` atomically: a temporary file beside ``path``, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(_as_dict(data), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_atomic(_as_dict(data), path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -410,9 +410,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, progress: bool, stop_after_epochs:
     if not main:
         return {"epoch": epoch, "finished": True, "rank": distributed.rank()}
     summary = evaluate_run(run, history, wall)
-    tmp = out / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, summary_path)
+    _write_summary(out, summary)
     return summary
 
 
@@ -486,7 +484,12 @@ def evaluate_dir(out: str | Path) -> dict[str, Any]:
     run.method.load_state_dict(state["method"])
     summary = evaluate_run(run, state["history"], state["train_wall_time_s"])
     summary["evaluated_epoch"] = state["epoch"]
+    _write_summary(out, summary)
+    return summary
+
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """Write ``summary.json`` atomically (temporary file, then rename)."""
     tmp = out / f".{SUMMARY_FILE}.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out / SUMMARY_FILE)
-    return summary
