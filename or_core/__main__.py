@@ -1,4 +1,5 @@
-"""The command line: ``python -m or_core pretrain ...`` and ``python -m or_core evaluate DIR``."""
+"""The command line: ``python -m or_core pretrain ...``, ``python -m or_core evaluate DIR`` and
+``python -m or_core matrix configs/matrix_cpu.yaml``."""
 
 from __future__ import annotations
 
@@ -51,6 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = sub.add_parser("evaluate", help="kNN and linear probe of a run's last checkpoint")
     e.add_argument("out", help="run directory")
+    m = sub.add_parser(
+        "matrix",
+        help="run an experiment matrix (configs/matrix_*.yaml); runs already recorded are skipped",
+    )
+    m.add_argument("matrix", help="matrix YAML file, e.g. configs/matrix_cpu.yaml")
+    m.add_argument("--work", default=None, help="run directories (default ~/.cache/or_core/matrix/<name>)")
+    m.add_argument("--results", default=None, help="records folder (default: the file's `results`)")
+    m.add_argument("--jobs", type=int, default=1, help="runs side by side, cores shared between them")
+    m.add_argument("--groups", nargs="+", default=None, help="only runs of these groups")
+    m.add_argument("--only", nargs="+", default=None, help="only runs with these names")
+    m.add_argument("--dry-run", action="store_true", help="list the pending runs and stop")
     return parser
 
 
@@ -60,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         from or_core.train import evaluate_dir
 
         print(json.dumps(evaluate_dir(args.out), indent=2))
+        return 0
+    if args.command == "matrix":
+        from or_core.experiments import run_matrix
+
+        names = run_matrix(
+            args.matrix, args.work, jobs=args.jobs, groups=args.groups, only=args.only,
+            results=args.results, dry_run=args.dry_run,
+        )
+        print(("pending: " if args.dry_run else "ran: ") + (", ".join(names) or "nothing"))
         return 0
     fields = {f for f in PretrainConfig.__dataclass_fields__}
     overrides = {k: v for k, v in vars(args).items() if k in fields}

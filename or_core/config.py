@@ -9,6 +9,11 @@ A run's settings are resolved in this order, each overriding the last:
 
 Fields left ``None`` take the method's published defaults (optimizer, learning rate, weight
 decay) when the run is built.
+
+Data: by default the training split is decoded once into a uint8 tensor held on the device.
+``stream: true`` (ImageNet-size folders) instead decodes each epoch in ``num_workers``
+DataLoader processes to ``decode_size`` squares (default ``image_size``, which streaming
+needs), and evaluation streams the test split likewise.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class PretrainConfig:
     data_root: str = "~/.cache/or_core/datasets"
     image_size: int | None = None
     subset: int | None = None
+    stream: bool = False
+    decode_size: int | None = None
+    num_workers: int | None = None
     epochs: int = 200
     batch_size: int = 256
     optimizer: str | None = None
@@ -48,6 +56,7 @@ class PretrainConfig:
     knn_t: float = 0.1
     eval_train_subset: int | None = None
     eval_test_subset: int | None = None
+    val_images: int | None = None
     linear_epochs: int = 100
     seed: int = 0
     device: str = "auto"
@@ -60,7 +69,8 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
-#: The two profiles. ``cpu``: minutes on two cores, with the optimizer of lightly's CIFAR-10
+#: The profiles. ``ci`` is a smoke scale (seconds per run: what the notebooks run in CI; its
+#: numbers show the pipeline, not learning). ``cpu``: minutes on two cores, with the optimizer of lightly's CIFAR-10
 #: benchmarks (SGD, lr 0.06, weight decay 5e-4) rather than the methods' LARS recipes, which
 #: collapsed at this budget (measured, results/cpu_profile/: BYOL+SO kNN 0.351 against 0.304 with
 #: LARS and 0.3085 untrained). ``gpu`` is the recipe of the libraries the paper used (ResNet-18
@@ -77,8 +87,24 @@ PROFILES: dict[str, dict[str, Any]] = {
         "warmup_epochs": 1,
         "eval_train_subset": 10000,
         "eval_test_subset": 2000,
+        "val_images": 2000,
         "linear_epochs": 30,
         "method_kwargs": {"proj_hidden_dim": 1024, "proj_output_dim": 256},
+    },
+    "ci": {
+        "width": 0.125,
+        "subset": 1024,
+        "epochs": 2,
+        "batch_size": 128,
+        "optimizer": "sgd",
+        "lr": 0.06,
+        "weight_decay": 5e-4,
+        "warmup_epochs": 0,
+        "eval_train_subset": 2000,
+        "eval_test_subset": 1000,
+        "val_images": 500,
+        "linear_epochs": 10,
+        "method_kwargs": {"proj_hidden_dim": 512, "proj_output_dim": 128},
     },
     "gpu": {
         "width": 1.0,

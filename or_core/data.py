@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from or_core.checkpoint import save_atomic
 
@@ -53,6 +53,7 @@ __all__ = [
     "batch_indices",
     "batches",
     "decode_image",
+    "load_holdout",
     "default_cache_dir",
     "default_data_root",
     "extract_archive",
@@ -60,6 +61,7 @@ __all__ = [
     "resolve_dataset",
     "scan_image_folder",
     "streaming_loader",
+    "SeededBatchSampler",
 ]
 
 #: Data set names understood by :func:`resolve_dataset` (any ImageFolder path works too).
@@ -199,7 +201,8 @@ def resolve_dataset(name_or_path: str | Path, root: Path | str | None = None) ->
             ``train/`` and ``val/`` or ``test/`` subfolders, each holding one folder per class.
         root: for a name, the folder torchvision downloads into (default
             :func:`default_data_root`); if ``<root>/<name>/train`` is an ImageFolder tree it is
-            used instead (no download). Ignored for a path.
+            used instead (no download). A relative name that is no folder here but an
+            ImageFolder tree under ``root`` (``"imagenette-64"``) resolves there.
 
     Raises:
         ValueError: an unknown name that is not an existing folder.
@@ -214,6 +217,8 @@ def resolve_dataset(name_or_path: str | Path, root: Path | str | None = None) ->
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return DatasetSource(path.resolve().name, path.resolve(), "imagefolder")
+    if not path.is_absolute() and (root / path / "train").is_dir():  # a tree under the data root
+        return DatasetSource(path.name, (root / path).resolve(), "imagefolder")
     raise ValueError(
         f"unknown data set {str(name_or_path)!r}: use one of {', '.join(DATASET_NAMES)}, or the "
         f"path of an ImageFolder root with train/ and val/ or test/ (no such folder: {path})"
@@ -302,10 +307,13 @@ def _resize_center_crop(img: Image.Image, size: int | None) -> Image.Image:
 class _DecodedFiles(Dataset):
     """Image files decoded to uint8 ``(3, S, S)`` tensors; an item is ``(image, label)``."""
 
-    def __init__(self, files: Sequence[Path], labels: Sequence[int], image_size: int) -> None:
+    def __init__(
+        self, files: Sequence[Path], labels: Sequence[int], image_size: int, classes: Sequence[str] = ()
+    ) -> None:
         self.files = list(files)
         self.labels = list(labels)
         self.image_size = image_size
+        self.classes = list(classes)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -486,6 +494,44 @@ def _report_skipped(data: ImageTensors, location: Path, skip_corrupt: bool) -> N
         )
     message = f"skipped {data.num_skipped} corrupt image(s) in {location}, e.g. {first}"
     warnings.warn(message, stacklevel=3)  # points at the caller of load_split
+
+
+def load_holdout(
+    name_or_path: str | Path,
+    size: int,
+    train_subset: int,
+    seed: int = 0,
+    root: Path | str | None = None,
+    image_size: int | None = None,
+    cache_dir: Path | str | None = None,
+    holdout_seed: int = 2411_00392,
+) -> ImageTensors:
+    """A validation split carved out of the training split: ``size`` training images (class
+    balanced) that the pretraining subset ``load_split(..., "train", subset=train_subset,
+    seed=seed)`` does not contain.
+
+    Hyper-parameters such as OR's ``gamma`` are chosen on it, never on the test split. The
+    choice is a function of ``holdout_seed`` and the pretraining subset alone, so every run on
+    the same subset is validated on the same images.
+    """
+    full = load_split(name_or_path, "train", root, image_size, None, 0, cache_dir)
+    if full.num_skipped:
+        raise ValueError("a holdout split needs a training split without skipped (corrupt) images")
+    used = torch.zeros(len(full), dtype=torch.bool)
+    used[balanced_subset(full.labels, train_subset, seed)] = True
+    free = torch.nonzero(~used).flatten()
+    if size > free.numel():
+        raise ValueError(
+            f"a holdout of {size} images needs that many training images outside the pretraining "
+            f"subset of {train_subset}; only {free.numel()} are left"
+        )
+    keep = free[balanced_subset(full.labels[free], size, holdout_seed)]
+    return dataclasses.replace(
+        full,
+        images=full.images[keep],
+        labels=full.labels[keep],
+        files=[full.files[i] for i in keep.tolist()] if full.files else [],
+    )
 
 
 def balanced_subset(labels: Tensor, size: int, seed: int = 0) -> Tensor:
@@ -743,18 +789,35 @@ def streaming_loader(
         pin_memory: default: when CUDA is available.
     """
     split_dir = _streaming_split_dir(Path(root_or_split_dir).expanduser(), split)
-    _, files, labels = scan_image_folder(split_dir)
+    classes, files, labels = scan_image_folder(split_dir)
     workers = _default_workers() if num_workers is None else num_workers
     return DataLoader(
-        _DecodedFiles(files, labels, image_size),
-        batch_size=batch_size,
-        shuffle=shuffle,
+        _DecodedFiles(files, labels, image_size, classes),
+        batch_sampler=SeededBatchSampler(len(files), batch_size, shuffle, drop_last, seed),
         num_workers=workers,
-        drop_last=drop_last,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(seed),
     )
+
+
+class SeededBatchSampler(Sampler[list[int]]):
+    """Index batches of a new permutation per pass (:func:`batch_indices`), drawn from
+    ``generator`` in the main process. Setting ``generator`` before a pass (e.g. to a state
+    that depends on the epoch alone) fixes that pass's order, whatever came before: what an
+    exact resume of a streamed run needs. The workers draw nothing."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool = True, drop_last: bool = False, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for idx in batch_indices(self.n, self.batch_size, self.shuffle, self.generator, self.drop_last):
+            yield idx.tolist()
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
 
 def _streaming_split_dir(path: Path, split: str | None) -> Path:

@@ -28,6 +28,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ import yaml
 from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from or_core import distributed
@@ -45,7 +47,7 @@ from or_core.augment import MultiViewAugment, method_views
 from or_core.backbones import build_backbone
 from or_core.checkpoint import load_checkpoint, save_atomic
 from or_core.config import PretrainConfig
-from or_core.data import ImageTensors, batches, load_split
+from or_core.data import ImageTensors, batches, load_holdout, load_split, resolve_dataset, streaming_loader
 from or_core.diagnostics import effective_rank, rankme, std_of_l2_normalized
 from or_core.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from or_core.methods import SSLMethod, build_method
@@ -91,19 +93,50 @@ class Run:
     augment: MultiViewAugment
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train: ImageTensors
+    train: ImageTensors | None
     steps_per_epoch: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     module: nn.Module | None = None
+    loader: DataLoader | None = None
+    train_size: int = 0
+    image_size: int = 0
 
     def __post_init__(self) -> None:
         if self.module is None:
             self.module = self.method
+        if self.train is not None:
+            self.train_size = self.train_size or len(self.train)
+            self.image_size = self.image_size or int(self.train.images.shape[-1])
+
+    def epoch_batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        """The uint8 training batches of ``epoch``, on the device, in an order that is a
+        function of the seed and the epoch alone (so a resumed run sees the same batches)."""
+        order = _epoch_order(self.cfg, epoch)
+        if self.loader is None:
+            for images, _ in batches(self.train, self.cfg.batch_size, shuffle=True, generator=order):
+                yield images
+            return
+        self.loader.batch_sampler.generator = order  # SeededBatchSampler draws the permutation from it
+        for images, _ in self.loader:
+            yield images.to(self.device, non_blocking=True)
 
 
-def _image_size(cfg: PretrainConfig, train: ImageTensors) -> int:
-    return cfg.image_size or int(train.images.shape[-1])
+def _training_data(cfg: PretrainConfig, root: Path) -> tuple[ImageTensors | None, DataLoader | None, int, int]:
+    """``(resident tensors, None, size, side)`` or, with ``cfg.stream``, ``(None, loader, ...)``."""
+    if not cfg.stream:
+        train = load_split(cfg.dataset, "train", root, cfg.image_size, cfg.subset, cfg.seed)
+        return train, None, len(train), cfg.image_size or int(train.images.shape[-1])
+    if cfg.image_size is None:
+        raise ValueError("stream: true needs image_size (the side of the training views)")
+    if cfg.subset is not None:
+        raise ValueError("stream: true reads the whole training folder; subset needs the resident cache")
+    source = resolve_dataset(cfg.dataset, root)
+    loader = streaming_loader(
+        source.root, cfg.decode_size or cfg.image_size, cfg.batch_size, cfg.num_workers,
+        shuffle=True, seed=cfg.seed, split="train", drop_last=True,
+    )
+    return None, loader, len(loader.dataset), cfg.image_size
 
 
 def build_optimizer(method: SSLMethod, cfg: PretrainConfig) -> torch.optim.Optimizer:
@@ -138,10 +171,9 @@ def build_run(cfg: PretrainConfig) -> Run:
     device = distributed.local_device(select_device(cfg.device))
     distributed.check_batch_size(cfg.batch_size)
     data_root = Path(os.path.expanduser(cfg.data_root))
-    train = load_split(cfg.dataset, "train", data_root, cfg.image_size, cfg.subset, cfg.seed)
-    if len(train) < cfg.batch_size:
-        raise ValueError(f"the training set has {len(train)} images, fewer than one batch of {cfg.batch_size}")
-    image_size = _image_size(cfg, train)
+    train, loader, train_size, image_size = _training_data(cfg, data_root)
+    if train_size < cfg.batch_size:
+        raise ValueError(f"the training set has {train_size} images, fewer than one batch of {cfg.batch_size}")
     # Seeded after loading: decoding a split the first time draws from the global RNG
     # (DataLoader workers), which must not change the initial weights.
     torch.manual_seed(cfg.seed)
@@ -158,7 +190,7 @@ def build_run(cfg: PretrainConfig) -> Run:
         views = [dataclasses.replace(v, **cfg.augment_overrides) if v.size == image_size else v for v in views]
     augment = MultiViewAugment(views)
     optimizer = build_optimizer(method, cfg)
-    steps_per_epoch = len(train) // cfg.batch_size
+    steps_per_epoch = train_size // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
     warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs is not None else method.default_optimizer.warmup_epochs
     warmup_steps = min(warmup_epochs, cfg.epochs // 2) * steps_per_epoch
@@ -166,8 +198,8 @@ def build_run(cfg: PretrainConfig) -> Run:
     if cfg.compile:
         method.backbone.compile()
     return Run(
-        cfg, device, method, augment, optimizer, scheduler, train.to(device), steps_per_epoch,
-        tuple(views[0].mean), tuple(views[0].std), module,
+        cfg, device, method, augment, optimizer, scheduler, train.to(device) if train is not None else None,
+        steps_per_epoch, tuple(views[0].mean), tuple(views[0].std), module, loader, train_size, image_size,
     )
 
 
@@ -256,6 +288,17 @@ def _epoch_order(cfg: PretrainConfig, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
 
 
+def _probe_images(cfg: PretrainConfig, root: Path, size: int = 512) -> torch.Tensor:
+    """The fixed test batch whose per-epoch statistics ``metrics.jsonl`` records: ``size``
+    class-balanced test images, or the whole test split if it is smaller."""
+    try:
+        return load_split(cfg.dataset, "test", root, cfg.image_size, size, cfg.seed).images
+    except ValueError as error:
+        if not str(error).startswith("subset must be in"):
+            raise
+        return load_split(cfg.dataset, "test", root, cfg.image_size, None, cfg.seed).images
+
+
 @torch.no_grad()
 def _probe_batch_stats(run: Run, probe: torch.Tensor) -> dict[str, float]:
     feats = extract_features(run.method.backbone, probe, run.mean, run.std, device=run.device, amp=run.cfg.amp)
@@ -318,7 +361,7 @@ def train_epoch(run: Run, epoch: int, step: int, augment_rng: torch.Generator, b
     sums = {"ssl_loss": torch.zeros((), device=run.device), "or_term": torch.zeros((), device=run.device)}
     pending: list[torch.Tensor] = []
     pending_start = step
-    for images, _ in batches(run.train, cfg.batch_size, shuffle=True, generator=_epoch_order(cfg, epoch)):
+    for images in run.epoch_batches(epoch):
         out = training_step(run, images, step / total_steps, augment_rng)
         pending.append(out["loss"])
         if len(pending) >= check_every:
@@ -375,7 +418,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, progress: bool, stop_after_epochs:
             _write_metrics(out, history)
         if epoch >= cfg.epochs and summary_path.is_file():
             return json.loads(summary_path.read_text())
-    probe = load_split(cfg.dataset, "test", Path(os.path.expanduser(cfg.data_root)), cfg.image_size, 512, cfg.seed).images
+    probe = _probe_images(cfg, Path(os.path.expanduser(cfg.data_root)))
     bar = tqdm(total=cfg.epochs * run.steps_per_epoch, initial=step, disable=not (progress and main), desc=f"{cfg.method}+{cfg.regularizer}")
     epochs_this_call = 0
     try:
@@ -421,15 +464,14 @@ def evaluate_run(run: Run, history: list[dict[str, Any]], wall: float) -> dict[s
     """kNN and linear probe of the final backbone, collapse scalars and provenance."""
     cfg = run.cfg
     root = Path(os.path.expanduser(cfg.data_root))
-    bank = load_split(cfg.dataset, "train", root, cfg.image_size, cfg.eval_train_subset, cfg.seed)
-    test = load_split(cfg.dataset, "test", root, cfg.image_size, cfg.eval_test_subset, cfg.seed)
     backbone = run.method.backbone
-    train_feats = extract_features(backbone, bank.images, run.mean, run.std, device=run.device, amp=cfg.amp)
-    test_feats = extract_features(backbone, test.images, run.mean, run.std, device=run.device, amp=cfg.amp)
-    knn = knn_accuracy(train_feats, bank.labels, test_feats, test.labels, bank.num_classes, cfg.knn_k, cfg.knn_t)
+    train_feats, train_labels, num_classes = _split_features(run, root, "train", cfg.eval_train_subset)
+    test_feats, test_labels, _ = _split_features(run, root, "test", cfg.eval_test_subset)
+    knn = knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, cfg.knn_k, cfg.knn_t)
     linear = linear_probe_accuracy(
-        train_feats, bank.labels, test_feats, test.labels, bank.num_classes, epochs=cfg.linear_epochs, seed=cfg.seed
+        train_feats, train_labels, test_feats, test_labels, num_classes, epochs=cfg.linear_epochs, seed=cfg.seed
     )
+    val = _validation_knn(run, root)
     with torch.no_grad():
         so_total = sum(so_penalty(w.detach()).item() for _, w in regularized_weights(backbone))
     regularizer = run.method.regularizer
@@ -443,8 +485,8 @@ def evaluate_run(run: Run, history: list[dict[str, Any]], wall: float) -> dict[s
         "profile": cfg.profile,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
-        "train_images": len(run.train),
-        "image_size": _image_size(cfg, run.train),
+        "train_images": run.train_size,
+        "image_size": run.image_size,
         "seed": cfg.seed,
         "knn_k": cfg.knn_k,
         "knn_t": cfg.knn_t,
@@ -452,15 +494,17 @@ def evaluate_run(run: Run, history: list[dict[str, Any]], wall: float) -> dict[s
         "knn_top5": knn["top5"],
         "linear_top1": linear["top1"],
         "linear_top5": linear["top5"],
-        "eval_train_images": len(bank),
-        "eval_test_images": len(test),
+        "eval_train_images": len(train_labels),
+        "eval_test_images": len(test_labels),
+        "val_knn_top1": val["top1"] if val else None,
+        "val_images": cfg.val_images if val else None,
         "effective_rank": effective_rank(test_feats),
         "rankme": rankme(test_feats),
         "std_of_l2_normalized": std_of_l2_normalized(test_feats).item(),
         "or_so_total": so_total,
         "final_ssl_loss": history[-1]["ssl_loss"] if history else math.nan,
         "wall_time_s": wall,
-        "images_per_s": len(run.train) * cfg.epochs / wall if wall > 0 else math.nan,
+        "images_per_s": run.steps_per_epoch * cfg.batch_size * cfg.epochs / wall if wall > 0 else math.nan,
         "device": device_name(run.device),
         "torch": torch.__version__,
         "lightly": lightly.__version__,
@@ -468,6 +512,42 @@ def evaluate_run(run: Run, history: list[dict[str, Any]], wall: float) -> dict[s
         "git_commit": git_commit(),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _split_features(run: Run, root: Path, split: str, subset: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Frozen backbone features, labels and class count of a split (a class-balanced subset of
+    ``subset`` images if given). Resident runs decode the split into the tensor cache; a
+    streaming run without a subset streams it through DataLoader workers."""
+    cfg, backbone = run.cfg, run.method.backbone
+    features = lambda images: extract_features(backbone, images, run.mean, run.std, device=run.device, amp=cfg.amp)  # noqa: E731
+    if not (cfg.stream and subset is None):
+        data = load_split(cfg.dataset, split, root, cfg.image_size, subset, cfg.seed)
+        return features(data.images), data.labels, data.num_classes
+    loader = streaming_loader(
+        resolve_dataset(cfg.dataset, root).root, run.image_size, 256, cfg.num_workers, shuffle=False, split=split
+    )
+    feats, labels = [], []
+    for images, y in loader:
+        feats.append(features(images))
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels), len(loader.dataset.classes)
+
+
+def _validation_knn(run: Run, root: Path) -> dict[str, float] | None:
+    """kNN top-1 of held-out training images (:func:`or_core.data.load_holdout`) against the
+    pretraining images: the number hyper-parameters are chosen on. ``None`` without a
+    ``val_images`` setting or when the run trains on the whole training split."""
+    cfg = run.cfg
+    if not cfg.val_images or cfg.subset is None or run.train is None:
+        return None
+    holdout = load_holdout(cfg.dataset, cfg.val_images, cfg.subset, cfg.seed, root, cfg.image_size)
+    backbone = run.method.backbone
+    bank = extract_features(backbone, run.train.images, run.mean, run.std, device=run.device, amp=cfg.amp)
+    queries = extract_features(backbone, holdout.images, run.mean, run.std, device=run.device, amp=cfg.amp)
+    return knn_accuracy(
+        bank, run.train.labels.to(bank.device), queries, holdout.labels.to(bank.device),
+        holdout.num_classes, cfg.knn_k, cfg.knn_t,
+    )
 
 
 def evaluate_dir(out: str | Path) -> dict[str, Any]:

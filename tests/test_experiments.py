@@ -1,0 +1,140 @@
+"""Experiment matrices and result records, on the real CIFAR-10 (and CIFAR-100 for transfer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from or_core.backbones import build_backbone
+from or_core.data import balanced_subset, load_holdout, load_split
+from or_core.experiments import choose_gamma, load_matrix, run_matrix, run_name
+from or_core.records import collapse_spectra, load_records, provenance, write_record
+
+
+@pytest.fixture(scope="module")
+def data_root(cifar10_dir: Path, cifar100_dir: Path) -> Path:
+    assert cifar10_dir.parent == cifar100_dir.parent
+    return cifar10_dir.parent
+
+
+def _record(reg: str, gamma: float, val: float, outside: bool = False, seed: int = 0) -> dict:
+    return {
+        "config": {"method": "byol", "dataset": "cifar10", "regularizer": reg, "seed": seed},
+        "summary": {"gamma": gamma, "val_knn_top1": val},
+        "outside_paper_grid": outside,
+    }
+
+
+CHOOSE = {"method": "byol", "dataset": "cifar10", "metric": "val_knn_top1",
+          "grids": {"so": [1e-5, 1e-6, 1e-7], "srip": [1e-3, 1e-4, 1e-5]}}
+
+
+def test_choose_gamma_takes_the_best_validation_score_inside_the_paper_grid() -> None:
+    records = [
+        _record("so", 1e-5, 0.30), _record("so", 1e-6, 0.35), _record("so", 1e-7, 0.33),
+        _record("so", 1e-3, 0.90, outside=True),  # better, but outside the grid: never chosen
+        _record("so", 1e-7, 0.99, seed=1),  # another seed: not a candidate
+        _record("srip", 1e-3, 0.31),
+    ]
+    choice = choose_gamma(records, "so", CHOOSE)
+    assert choice["gamma"] == 1e-6 and choice["candidates"] == {"1e-05": 0.30, "1e-06": 0.35, "1e-07": 0.33}
+    with pytest.raises(RuntimeError, match=r"srip .*gamma \[0.0001, 1e-05\]"):
+        choose_gamma(records, "srip", CHOOSE)
+
+
+def test_matrix_entries_expand_and_merge(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({
+        "profile": "cpu", "results": str(tmp_path / "results"),
+        "runs": [
+            {"group": "grid", "method": "byol", "regularizer": ["none", "so"], "gamma": [1e-5, 1e-6]},
+            {"group": "seeds", "method": "byol", "regularizer": "none", "seed": [0, 1], "transfer": ["cifar100"]},
+        ],
+    }))
+    matrix = load_matrix(path)
+    names = [e.name for e in matrix.experiments]
+    assert names == ["byol-cifar10-none-s0", "byol-cifar10-so-1e-5-s0", "byol-cifar10-so-1e-6-s0", "byol-cifar10-none-s1"]
+    none = matrix.experiments[0]
+    assert none.groups == ("grid", "seeds") and none.transfer == ("cifar100",) and "gamma" not in none.overrides
+    assert run_name({"method": "simclr", "dataset": "/data/imagenet100", "regularizer": "srip", "gamma": 1e-3}) == (
+        "simclr-imagenet100-srip-1e-3-s0"
+    )
+    path.write_text(yaml.safe_dump({"runs": [{"method": "byol", "lerning_rate": 1}]}))
+    with pytest.raises(ValueError, match="unknown fields \\['lerning_rate'\\]"):
+        load_matrix(path)
+
+
+def test_holdout_is_disjoint_from_the_pretraining_subset(data_root: Path) -> None:
+    train = load_split("cifar10", "train", data_root, subset=2048, seed=3)
+    val = load_holdout("cifar10", 500, 2048, seed=3, root=data_root)
+    assert len(val) == 500 and torch.bincount(val.labels).tolist() == [50] * 10
+    assert not set(train.files) & set(val.files)
+    assert val.files == load_holdout("cifar10", 500, 2048, seed=3, root=data_root).files
+    full = load_split("cifar10", "train", data_root)
+    assert set(train.files) == {full.files[i] for i in balanced_subset(full.labels, 2048, 3).tolist()}
+
+
+def test_collapse_spectra_are_normalized_and_complete(data_root: Path) -> None:
+    backbone, _ = build_backbone("resnet18", image_size=32, width=0.25)
+    test = load_split("cifar10", "test", data_root, subset=300)
+    spectra = collapse_spectra(backbone, test.images, (0.5,) * 3, (0.25,) * 3)
+    assert len(spectra["weights"]) == 20 and set(spectra["hidden"]) == {"layer1", "layer2", "layer3", "layer4"}
+    for values in [*spectra["weights"].values(), *spectra["hidden"].values(), spectra["representation"]]:
+        assert values[0] == pytest.approx(1.0) and all(a >= b for a, b in zip(values, values[1:]))
+    assert len(spectra["hidden"]["layer4"]) == 128 and len(spectra["weights"]["conv1"]) == 16
+    assert spectra["so"]["conv1"] > 0 and 1 < spectra["effective_rank"]["representation"] <= 128
+    json.dumps(spectra)  # plain JSON
+
+
+def test_a_small_matrix_runs_chooses_gamma_on_validation_and_resumes(data_root: Path, tmp_path: Path) -> None:
+    base = {
+        "dataset": "cifar10", "data_root": str(data_root), "width": 0.125, "subset": 512, "epochs": 1,
+        "batch_size": 64, "eval_train_subset": 500, "eval_test_subset": 200, "val_images": 200,
+        "linear_epochs": 2, "knn_k": 20, "method_kwargs": {"proj_hidden_dim": 64, "proj_output_dim": 32},
+    }
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump({
+        "profile": "cpu", "results": str(tmp_path / "results"), "base": base,
+        "choose_gamma": {**CHOOSE, "grids": {"so": [1e-5, 1e-6]}},
+        "runs": [
+            {"group": "grid", "method": "byol", "regularizer": "none", "transfer": ["cifar100"]},
+            {"group": "grid", "method": "byol", "regularizer": "so", "gamma": [1e-5, 1e-6]},
+            {"group": "pair", "method": "byol", "regularizer": "so", "gamma": "chosen", "seed": [0, 1]},
+        ],
+    }))
+    pending = run_matrix(path, tmp_path / "work", dry_run=True)
+    assert pending == ["byol-cifar10-none-s0", "byol-cifar10-so-1e-5-s0", "byol-cifar10-so-1e-6-s0",
+                       "byol-cifar10-so-chosen-s0", "byol-cifar10-so-chosen-s1"]
+    ran = run_matrix(path, tmp_path / "work")
+    records = {r["name"]: r for r in load_records(tmp_path / "results")}
+    grid = {g: records[f"byol-cifar10-so-{g}-s0"]["summary"]["val_knn_top1"] for g in ("1e-5", "1e-6")}
+    best = max(grid, key=lambda g: (grid[g], -float(g)))
+    assert ran == ["byol-cifar10-none-s0", "byol-cifar10-so-1e-5-s0", "byol-cifar10-so-1e-6-s0", f"byol-cifar10-so-{best}-s1"]
+    assert set(records) == {*ran}
+    chosen_s0 = records[f"byol-cifar10-so-{best}-s0"]  # the grid's run, not trained twice
+    assert chosen_s0["groups"] == ["grid", "pair"] and chosen_s0["gamma_choice"]["gamma"] == float(best)
+    none = records["byol-cifar10-none-s0"]
+    assert none["scale"] == "cpu-small" and none["summary"]["val_images"] == 200
+    assert set(none["transfer"]["cifar100"]) >= {"linear_top1", "knn_top1"}
+    assert none["transfer"]["cifar100"]["test_images"] == 200
+    assert [h["epoch"] for h in none["history"]] == [1]
+    assert {"git_commit", "date_utc", "device", "torch", "lightly", "command", "wall_time_s"} <= set(none["provenance"])
+    assert len(none["collapse"]["weights"]) == 20
+    assert run_matrix(path, tmp_path / "work") == []  # everything recorded: nothing runs again
+
+
+def test_records_are_written_atomically_and_read_back(tmp_path: Path) -> None:
+    record = {"name": "x", "value": 1.5, "provenance": provenance("test", 1.0)}
+    write_record(tmp_path / "a" / "x.json", record)
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["x.json"]
+    (loaded,) = load_records(tmp_path)
+    assert loaded["value"] == 1.5 and loaded["_path"].endswith("x.json")
+    (tmp_path / "a" / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json is not a valid JSON record"):
+        load_records(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no results folder"):
+        load_records(tmp_path / "missing")
