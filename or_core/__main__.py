@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--groups", nargs="+", default=None, help="only runs of these groups")
     m.add_argument("--only", nargs="+", default=None, help="only runs with these names")
     m.add_argument("--dry-run", action="store_true", help="list the pending runs and stop")
+    m.add_argument("--rerun", action="store_true", help="train recorded runs again, overwriting their records")
     return parser
 
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
         names = run_matrix(
             args.matrix, args.work, jobs=args.jobs, groups=args.groups, only=args.only,
-            results=args.results, dry_run=args.dry_run,
+            results=args.results, dry_run=args.dry_run, rerun=args.rerun,
         )
         print(("pending: " if args.dry_run else "ran: ") + (", ".join(names) or "nothing"))
         return 0

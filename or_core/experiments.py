@@ -299,6 +299,7 @@ def run_matrix(
     only: Sequence[str] | None = None,
     results: str | Path | None = None,
     dry_run: bool = False,
+    rerun: bool = False,
 ) -> list[str]:
     """Run every pending experiment of the matrix at ``path``; returns the names it ran (or
     would run, with ``dry_run``).
@@ -308,6 +309,8 @@ def run_matrix(
     the group). ``jobs > 1`` starts that many worker processes (``python -m or_core matrix
     --only ...``, ``cores / jobs`` torch threads each) per phase and waits for them. ``only``
     restricts the matrix to runs with these names (chosen runs by their resolved names).
+    ``rerun`` trains the selected runs again and overwrites their records (give it a fresh
+    ``work_dir``: a finished run directory is returned as it is).
     """
     matrix = load_matrix(path, results)
     work_dir = Path(work_dir).expanduser() if work_dir else Path("~/.cache/or_core/matrix").expanduser() / matrix.path.stem
@@ -321,16 +324,16 @@ def run_matrix(
                 continue
             phase = resolve_chosen(matrix, phase)
             for e in phase:
-                if matrix.record_path(e).is_file() and not dry_run:
+                if matrix.record_path(e).is_file() and not dry_run and not rerun:
                     _merge_groups(matrix, e)
-        phase = [e for e in phase if not matrix.record_path(e).is_file() and (only is None or e.name in only)]
+        phase = [e for e in phase if (rerun or not matrix.record_path(e).is_file()) and (only is None or e.name in only)]
         phase = list({e.name: e for e in phase}.values())
         if not phase:
             continue
         if dry_run:
             ran += [e.name for e in phase]
         elif jobs > 1 and len(phase) > 1:
-            _run_workers(matrix, work_dir, jobs, [e.name for e in phase], results)
+            _run_workers(matrix, work_dir, jobs, [e.name for e in phase], results, rerun)
             ran += [e.name for e in phase if matrix.record_path(e).is_file()]
         else:
             for experiment in phase:
@@ -340,12 +343,16 @@ def run_matrix(
     return ran
 
 
-def _run_workers(matrix: Matrix, work_dir: Path, jobs: int, names: list[str], results: str | Path | None) -> None:
+def _run_workers(
+    matrix: Matrix, work_dir: Path, jobs: int, names: list[str], results: str | Path | None, rerun: bool = False
+) -> None:
     threads = max(1, (os.cpu_count() or jobs) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "or_core", "matrix", str(matrix.path), "--work", str(work_dir)]
     if results is not None:
         cmd += ["--results", str(results)]
+    if rerun:
+        cmd += ["--rerun"]
     workers = [
         subprocess.Popen([*cmd, "--only", *names[i::jobs]], env=env)
         for i in range(jobs)
