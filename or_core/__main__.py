@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--stop-after-epochs", type=int, default=None,
+        help="stop after this many epochs of this call; the same command later resumes",
+    )
     e = sub.add_parser("evaluate", help="kNN and linear probe of a run's last checkpoint")
     e.add_argument("out", help="run directory")
     m = sub.add_parser(
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(args.profile, args.config, overrides)
     from or_core.train import pretrain
 
-    summary = pretrain(cfg, args.out, progress=not args.no_progress)
+    summary = pretrain(cfg, args.out, progress=not args.no_progress, stop_after_epochs=args.stop_after_epochs)
     print(json.dumps(summary, indent=2))
     return 0
 
