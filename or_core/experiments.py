@@ -265,15 +265,28 @@ def run_experiment(matrix: Matrix, experiment: Experiment, work_dir: str | Path,
 # ----------------------------------------------------------------------------------------------
 # The matrix
 # ----------------------------------------------------------------------------------------------
-def _merge_groups(matrix: Matrix, experiment: Experiment) -> None:
-    """A chosen-gamma run that the grid already made: add its groups (and the choice) to that
-    record instead of training it again."""
+def _merge_groups(matrix: Matrix, experiment: Experiment, work_dir: Path) -> None:
+    """A chosen-gamma run that the grid already made: add its groups, the gamma choice and any
+    transfer probe it asks for to that record (from the run's final checkpoint in
+    ``work_dir``) instead of training it again."""
     path = matrix.record_path(experiment)
     record = json.loads(path.read_text())
     groups = list(dict.fromkeys([*record["groups"], *experiment.groups]))
-    if groups != record["groups"] or record.get("gamma_choice") != experiment.gamma_choice:
-        record["groups"], record["gamma_choice"] = groups, experiment.gamma_choice
-        write_record(path, record)
+    missing = [t for t in experiment.transfer if Path(t).name not in (record.get("transfer") or {})]
+    if groups == record["groups"] and record.get("gamma_choice") == experiment.gamma_choice and not missing:
+        return
+    record["groups"], record["gamma_choice"] = groups, experiment.gamma_choice
+    if missing:
+        cfg = resolve_config(matrix.profile, overrides={**experiment.overrides, "profile": matrix.profile})
+        run = build_run(cfg)
+        state = load_checkpoint(work_dir / experiment.name / CHECKPOINT_FILE)
+        if state is None:
+            raise FileNotFoundError(
+                f"{experiment.name}: transfer probes {missing} need the run's checkpoint in {work_dir}"
+            )
+        run.method.load_state_dict(state["method"])
+        record["transfer"] = {**(record.get("transfer") or {}), **_transfer(run, missing)}
+    write_record(path, record)
 
 
 def resolve_chosen(matrix: Matrix, experiments: Sequence[Experiment]) -> list[Experiment]:
@@ -325,7 +338,7 @@ def run_matrix(
             phase = resolve_chosen(matrix, phase)
             for e in phase:
                 if matrix.record_path(e).is_file() and not dry_run and not rerun:
-                    _merge_groups(matrix, e)
+                    _merge_groups(matrix, e, work_dir)
         phase = [e for e in phase if (rerun or not matrix.record_path(e).is_file()) and (only is None or e.name in only)]
         phase = list({e.name: e for e in phase}.values())
         if not phase:

@@ -103,7 +103,8 @@ def test_a_small_matrix_runs_chooses_gamma_on_validation_and_resumes(data_root: 
         "runs": [
             {"group": "grid", "method": "byol", "regularizer": "none", "transfer": ["cifar100"]},
             {"group": "grid", "method": "byol", "regularizer": "so", "gamma": [1e-5, 1e-6]},
-            {"group": "pair", "method": "byol", "regularizer": "so", "gamma": "chosen", "seed": [0, 1]},
+            {"group": "pair", "method": "byol", "regularizer": "so", "gamma": "chosen", "seed": [0, 1],
+             "transfer": ["cifar100"]},
         ],
     }))
     pending = run_matrix(path, tmp_path / "work", dry_run=True)
@@ -117,6 +118,8 @@ def test_a_small_matrix_runs_chooses_gamma_on_validation_and_resumes(data_root: 
     assert set(records) == {*ran}
     chosen_s0 = records[f"byol-cifar10-so-{best}-s0"]  # the grid's run, not trained twice
     assert chosen_s0["groups"] == ["grid", "pair"] and chosen_s0["gamma_choice"]["gamma"] == float(best)
+    # the pair asks for a transfer probe: added to the grid's record from its checkpoint
+    assert set(chosen_s0["transfer"]) == {"cifar100"} and set(records[f"byol-cifar10-so-{best}-s1"]["transfer"]) == {"cifar100"}
     none = records["byol-cifar10-none-s0"]
     assert none["scale"] == "cpu-small" and none["summary"]["val_images"] == 200
     assert set(none["transfer"]["cifar100"]) >= {"linear_top1", "knn_top1"}
