@@ -766,6 +766,7 @@ def streaming_loader(
     split: str | None = None,
     drop_last: bool = False,
     pin_memory: bool | None = None,
+    subset: int | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` of ``(uint8 (B, 3, S, S), int64 (B,))`` batches decoded from an ImageFolder.
 
@@ -787,9 +788,14 @@ def streaming_loader(
         split: ``"train"``, ``"test"`` or ``"val"`` when ``root_or_split_dir`` is a root.
         drop_last: drop the last incomplete batch.
         pin_memory: default: when CUDA is available.
+        subset: stream only this many images, a class-balanced subset chosen with ``seed`` (the
+            same images as ``load_split(..., subset=subset, seed=seed)``).
     """
     split_dir = _streaming_split_dir(Path(root_or_split_dir).expanduser(), split)
     classes, files, labels = scan_image_folder(split_dir)
+    if subset is not None:
+        keep = balanced_subset(torch.tensor(labels), subset, seed).tolist()
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     workers = _default_workers() if num_workers is None else num_workers
     return DataLoader(
         _DecodedFiles(files, labels, image_size, classes),

@@ -34,6 +34,8 @@ __all__ = [
     "plot_singular_value_trajectories",
     "plot_power_iteration",
     "plot_or_cost",
+    "plot_spectra_panels",
+    "plot_dose_response",
 ]
 
 #: Seaborn style of every figure (a white grid, light enough for log-scale decay plots).
@@ -329,4 +331,121 @@ def plot_or_cost(
             ax.set_xlim(right=ax.get_xlim()[1] * (3.0 if log else 1.2))
         if title:
             ax.set_title(title)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures of result records (used by or_core.report)
+# ----------------------------------------------------------------------------------------------
+def _note(ax: Axes, text: str) -> None:
+    """A centred grey note on an otherwise empty panel (e.g. ``"no data yet"``)."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_spectra_panels(
+    panels: Mapping[str, Mapping[str, ArrayLike]],
+    title: str | None = None,
+    *,
+    ncols: int = 4,
+    empty: str = "no data yet",
+    panel_size: tuple[float, float] = (3.6, 3.0),
+) -> Figure:
+    """Several :func:`plot_spectra` panels side by side, one legend for all.
+
+    Args:
+        panels: ``{panel title: {line label: values}}``; every panel draws its spectra sorted,
+            divided by the largest value, on a log scale. A panel without spectra shows
+            ``empty``; with no panels at all the figure is one panel saying ``empty``.
+        title: the figure title.
+        ncols: panels per row.
+        empty: the note of an empty panel.
+        panel_size: size of one panel, in inches.
+    """
+    items = list(panels.items()) or [("", {})]
+    ncols = max(1, min(ncols, len(items)))
+    nrows = -(-len(items) // ncols)
+    with sns.axes_style(STYLE):
+        fig, axes = plt.subplots(
+            nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows + 0.6),
+            layout="constrained", squeeze=False,
+        )
+        labels: dict[str, object] = {}
+        for ax, (name, spectra) in zip(axes.flat, items):
+            if not spectra:
+                _note(ax, empty)
+                ax.set_title(name, fontsize="medium")
+                continue
+            plot_spectra(spectra, name or None, ax=ax)
+            ax.title.set_fontsize("medium")
+            for line in ax.get_lines():
+                labels.setdefault(line.get_label(), line)
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
+        for ax in list(axes.flat)[len(items) :]:
+            ax.set_visible(False)
+        if labels:
+            fig.legend(list(labels.values()), list(labels), loc="outside lower center",
+                       ncols=min(len(labels), 4), fontsize="small")
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def plot_dose_response(
+    series: Mapping[str, tuple[ArrayLike, ArrayLike, Sequence[bool]]],
+    title: str | None = None,
+    *,
+    baselines: Mapping[str, float] | None = None,
+    chosen: Mapping[str, float] | None = None,
+    xlabel: str = "gamma",
+    ylabel: str = "value",
+    empty: str = "no data yet",
+    ax: Axes | None = None,
+    figsize: tuple[float, float] = (6.0, 4.0),
+) -> Figure:
+    """A metric against a regularization weight on a log x axis, one line per regularizer.
+
+    Points inside the tuning grid are filled, points outside it are hollow; a chosen value is
+    ringed; baselines (the run without regularization) are dashed horizontal lines.
+
+    Args:
+        series: ``{label: (gammas, values, outside)}``, ``outside[i]`` true for a point outside
+            the grid.
+        title: the axes title.
+        baselines: ``{label: value}``: dashed horizontal lines.
+        chosen: ``{series label: gamma}``: the point to ring.
+        xlabel, ylabel: axis labels.
+        empty: the note of a panel with nothing to draw.
+        ax: draw on these axes instead of a new figure.
+        figsize: size of a new figure, in inches.
+    """
+    with sns.axes_style(STYLE):
+        fig, ax = _figure(ax, figsize)
+        if not series and not baselines:
+            _note(ax, empty)
+        colors = _colors(len(series) + len(baselines or {}))
+        for i, ((label, (gammas, values, outside)), color) in enumerate(zip(series.items(), colors)):
+            g, v = _array(gammas).ravel(), _array(values).ravel()
+            out = np.asarray(outside, dtype=bool).ravel()
+            order = np.argsort(g)
+            g, v, out = g[order], v[order], out[order]
+            ax.plot(g, v, color=color, ls=_style(i), lw=1.4, label=label)
+            ax.scatter(g[~out], v[~out], color=color, s=36, zorder=3)
+            if out.any():
+                ax.scatter(g[out], v[out], facecolors="white", edgecolors=color, s=36, zorder=3)
+            if chosen and label in chosen:
+                pick = np.isclose(g, chosen[label], rtol=1e-9)
+                ax.scatter(g[pick], v[pick], facecolors="none", edgecolors="black", s=140, lw=1.2, zorder=4)
+        for (label, level), color in zip((baselines or {}).items(), colors[len(series) :]):
+            ax.axhline(level, ls=(0, (6, 3)), lw=1.0, color=color, label=label)
+        if series:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(title)
+        if series or baselines:
+            ax.legend(fontsize="small")
     return fig

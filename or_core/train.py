@@ -517,14 +517,15 @@ def evaluate_run(run: Run, history: list[dict[str, Any]], wall: float) -> dict[s
 def _split_features(run: Run, root: Path, split: str, subset: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Frozen backbone features, labels and class count of a split (a class-balanced subset of
     ``subset`` images if given). Resident runs decode the split into the tensor cache; a
-    streaming run without a subset streams it through DataLoader workers."""
+    streaming run streams it through DataLoader workers (only the features stay in memory)."""
     cfg, backbone = run.cfg, run.method.backbone
     features = lambda images: extract_features(backbone, images, run.mean, run.std, device=run.device, amp=cfg.amp)  # noqa: E731
-    if not (cfg.stream and subset is None):
+    if not cfg.stream:
         data = load_split(cfg.dataset, split, root, cfg.image_size, subset, cfg.seed)
         return features(data.images), data.labels, data.num_classes
     loader = streaming_loader(
-        resolve_dataset(cfg.dataset, root).root, run.image_size, 256, cfg.num_workers, shuffle=False, split=split
+        resolve_dataset(cfg.dataset, root).root, run.image_size, 256, cfg.num_workers, shuffle=False, split=split,
+        seed=cfg.seed, subset=subset,
     )
     feats, labels = [], []
     for images, y in loader:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data sets of ``../shared/datasets``, extracted once into a cache.
+"""Shared fixtures: the real data sets of ``../shared/datasets``, extracted once into a cache,
+and the book built once for the whole session (``tests/test_book.py``, ``tests/test_browser.py``).
 
 Environment variables:
     OR_CORE_SHARED_DATASETS: folder holding the ``*.tar.gz`` archives (default
@@ -10,6 +11,9 @@ Environment variables:
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,11 @@ import pytest
 from or_core.data import default_data_root, extract_archive
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+BOOK = REPO_ROOT / "book"
+#: Every notebook's cpu-profile run plus ``jupyter-book build`` stay well inside this.
+BUILD_TIMEOUT_S = 900
+#: What ``python -m or_core.book`` needs; the build is skipped without any of them.
+BOOK_MODULES = ("papermill", "jupyter_book", "matplotlib", "seaborn", "pandas", "ipykernel")
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +61,27 @@ def cifar100_dir(shared_datasets_dir: Path) -> Path:
 def imagenette_dir(shared_datasets_dir: Path) -> Path:
     """The extracted Imagenette-64 ImageFolder root (``train/``, ``val/``)."""
     return _extracted(shared_datasets_dir, "imagenette-64.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of book/ built by ``python -m or_core.book`` with the cpu profile, once a session.
+
+    The copy leaves a reader's own ``book/_build`` alone; the HTML is in ``<copy>/_build/html``
+    and the executed notebooks in ``<copy>/notebooks``. Skips the test when a module the build
+    needs is missing.
+    """
+    for module in BOOK_MODULES:
+        pytest.importorskip(module)
+    book = tmp_path_factory.mktemp("book") / "book"
+    shutil.copytree(BOOK, book, ignore=shutil.ignore_patterns("_build", "notebooks", ".ipynb_checkpoints"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "or_core.book", "--profile", "cpu", "--book-dir", str(book)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "timings:" in proc.stdout
+    return book

@@ -3,14 +3,14 @@
 The build test runs ``python -m or_core.book`` (papermill on every notebook, then
 ``jupyter-book build -W``) on a copy of ``book/``, so a reader's own build is left alone, and
 checks the HTML: every page, every figure, every Colab link. It is skipped when the book's
-dependencies (papermill, jupyter-book, matplotlib, seaborn, pandas) are not installed.
+dependencies (papermill, jupyter-book, matplotlib, seaborn, pandas) are not installed. The build
+is the session fixture ``built_book`` of ``conftest.py``, shared with ``test_browser.py``.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -25,8 +25,6 @@ PROFILES = NOTEBOOKS / "profiles"
 BOOK = REPO_ROOT / "book"
 SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 COLAB = "https://colab.research.google.com/github"
-#: One notebook's cpu-profile run plus the build stay well inside this.
-BUILD_TIMEOUT_S = 170
 
 
 def _profile(name: str) -> dict:
@@ -150,24 +148,6 @@ def _parse(page: Path) -> _Links:
     parser = _Links()
     parser.feed(page.read_text(encoding="utf-8"))
     return parser
-
-
-@pytest.fixture(scope="module")
-def built_book(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of book/ built by ``python -m or_core.book`` with the cpu profile."""
-    _book_dependencies()
-    book = tmp_path_factory.mktemp("book") / "book"
-    shutil.copytree(BOOK, book, ignore=shutil.ignore_patterns("_build", "notebooks", ".ipynb_checkpoints"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "or_core.book", "--profile", "cpu", "--book-dir", str(book)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT_S,
-    )
-    assert proc.returncode == 0, f"build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert "timings:" in proc.stdout
-    return book
 
 
 def test_book_pages_exist(built_book: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -203,5 +204,8 @@ def test_streaming_run_trains_and_resumes_exactly(imagenette_dir: Path, tmp_path
     pretrain(cfg, tmp_path / "resumed", progress=False)
     a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a streamed evaluation subset: only features are kept in memory
+    sub = pretrain(dataclasses.replace(cfg, eval_train_subset=30, eval_test_subset=15), tmp_path / "sub", progress=False)
+    assert sub["eval_train_images"] == 30 and sub["eval_test_images"] == 15
     with pytest.raises(ValueError, match="needs image_size"):
         build_run(tiny(tmp_path, dataset=str(folder), subset=None, stream=True))

@@ -1,0 +1,346 @@
+"""or_core.report on hand-built records whose numbers are known, so every table, difference and
+verdict can be checked exactly; figures are checked through their axes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+pd = pytest.importorskip("pandas")
+matplotlib = pytest.importorskip("matplotlib")
+pytest.importorskip("seaborn")
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from or_core import report  # noqa: E402
+from or_core.records import write_record  # noqa: E402
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _decay(n: int, rate: float) -> list[float]:
+    """A normalized spectrum ``rate**i``: 1 is flat, smaller decays faster."""
+    return [rate**i for i in range(n)]
+
+
+def _record(
+    method: str = "byol",
+    dataset: str = "cifar10",
+    regularizer: str = "none",
+    gamma: float | None = None,
+    seed: int = 0,
+    knn: float = 0.5,
+    linear: float = 0.6,
+    rate: float = 0.5,
+    so_total: float = 100.0,
+    erank: float = 10.0,
+    scale: str = "cpu-small",
+    **extra: Any,
+) -> dict[str, Any]:
+    """A minimal run record; ``rate`` sets how fast every stored spectrum decays."""
+    name = f"{method}-{dataset}-{regularizer}" + (f"-{gamma:.0e}" if regularizer != "none" else "") + f"-s{seed}"
+    spectra = {
+        "weights": {"conv1": _decay(4, rate), "layer1.0.conv1": _decay(8, rate), "layer1.1.conv2": _decay(8, rate),
+                    "layer2.0.downsample.0": _decay(8, rate), "layer2.1.conv2": _decay(16, rate)},
+        "so": {"conv1": 1.0},
+        "hidden": {stage: _decay(8, rate) for stage in STAGES},
+        "representation": _decay(16, rate),
+        "effective_rank": {"representation": erank},
+    }
+    record = {
+        "name": name, "matrix": "m.yaml", "groups": ["methods"], "outside_paper_grid": False, "scale": scale,
+        "config": {"method": method, "dataset": dataset, "regularizer": regularizer, "gamma": gamma, "seed": seed,
+                   "width": 0.25, "epochs": 5, "backbone": "resnet18"},
+        "summary": {"gamma": gamma, "knn_top1": knn, "knn_top5": knn + 0.3, "linear_top1": linear,
+                    "linear_top5": linear + 0.3, "val_knn_top1": knn - 0.01, "effective_rank": erank, "rankme": erank,
+                    "or_so_total": so_total, "wall_time_s": 10.0},
+        "gamma_choice": None, "history": [], "collapse": spectra, "transfer": {},
+        "provenance": {"date_utc": "2026-01-01T00:00:00+00:00"},
+    }
+    record.update(extra)
+    return record
+
+
+@pytest.fixture()
+def records() -> list[dict[str, Any]]:
+    """BYOL and SimCLR on two data sets, none / SO / SRIP, BYOL with three paired seeds, a gamma
+    grid, a gamma outside the grid, feature whitening and transfer probes. OR helps everywhere
+    except SRIP on SimCLR/CIFAR-100 and BYOL seed 1."""
+    rs = [
+        _record(knn=0.50, linear=0.60, rate=0.5, so_total=100, erank=10,
+                transfer={"cifar100": {"linear_top1": 0.20, "linear_top5": 0.4, "knn_top1": 0.1}}),
+        _record(regularizer="so", gamma=1e-6, knn=0.53, linear=0.62, rate=0.8, so_total=40, erank=12,
+                gamma_choice={"gamma": 1e-6}, transfer={"cifar100": {"linear_top1": 0.25, "linear_top5": 0.5, "knn_top1": 0.1}}),
+        _record(regularizer="so", gamma=1e-5, knn=0.70, linear=0.70, rate=0.8, so_total=30),  # not chosen
+        _record(regularizer="so", gamma=1e-1, knn=0.90, linear=0.90, outside_paper_grid=True),  # outside the grid
+        _record(regularizer="srip", gamma=1e-3, knn=0.52, linear=0.61, rate=0.7, so_total=90, erank=11),
+        _record(seed=1, knn=0.52), _record(regularizer="so", gamma=1e-6, seed=1, knn=0.51, gamma_choice={"gamma": 1e-6}),
+        _record(seed=2, knn=0.54), _record(regularizer="so", gamma=1e-6, seed=2, knn=0.58, gamma_choice={"gamma": 1e-6}),
+        _record(method="byol_whitening", knn=0.51, linear=0.60, rate=0.6, erank=14),
+        _record(dataset="cifar100", knn=0.20, linear=0.25),
+        _record(dataset="cifar100", regularizer="so", gamma=1e-6, knn=0.22, linear=0.27, rate=0.8, so_total=40),
+        _record(method="simclr", knn=0.40, linear=0.45),
+        _record(method="simclr", regularizer="so", gamma=1e-6, knn=0.41, linear=0.47, rate=0.8, so_total=40),
+        _record(method="simclr", dataset="cifar100", knn=0.15, linear=0.20),
+        _record(method="simclr", dataset="cifar100", regularizer="srip", gamma=1e-3, knn=0.14, linear=0.18),
+    ]
+    return rs
+
+
+@pytest.fixture()
+def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    return report.records_frame(records)
+
+
+# ----------------------------------------------------------------------------------------------
+# Records as a frame
+# ----------------------------------------------------------------------------------------------
+def test_spectrum_effective_rank_matches_the_data_matrix_definition() -> None:
+    torch = pytest.importorskip("torch")
+    from or_core.diagnostics import covariance_eigenvalues, effective_rank
+
+    assert report.spectrum_effective_rank([1.0] * 7) == pytest.approx(7.0)
+    assert report.spectrum_effective_rank([1.0, 0.0, 0.0]) == pytest.approx(1.0)
+    assert math.isnan(report.spectrum_effective_rank([]))
+    x = torch.randn(400, 12, dtype=torch.float64) * torch.logspace(0, -2, 12, dtype=torch.float64)
+    eigenvalues = covariance_eigenvalues(x)
+    assert report.spectrum_effective_rank(eigenvalues.tolist()) == pytest.approx(effective_rank(x), rel=1e-9)
+    # scaling the spectrum (the records store it divided by the largest value) changes nothing
+    assert report.spectrum_effective_rank((eigenvalues / eigenvalues.max()).tolist()) == pytest.approx(effective_rank(x))
+
+
+def test_records_frame_has_one_row_per_run_record(records: list[dict[str, Any]], frame: pd.DataFrame) -> None:
+    assert len(frame) == len(records)
+    frame2 = report.records_frame([*records, {"benchmark": "or_overhead", "runs": []}])  # not a run record
+    assert len(frame2) == len(records)
+    row = frame[frame["name"] == "byol-cifar10-so-1e-06-s0"].iloc[0]
+    assert row["gamma"] == 1e-6 and row["gamma_chosen"] and row["knn_top1"] == 0.53 and row["seed"] == 0
+    none = frame[frame["name"] == "byol-cifar10-none-s0"].iloc[0]
+    assert math.isnan(none["gamma"]) and not none["gamma_chosen"] and none["groups"] == "methods"
+    flat = report.records_frame([_record(rate=1.0)]).iloc[0]
+    assert flat["weight_flatness"] == pytest.approx(1.0) and flat["hidden_flatness"] == pytest.approx(1.0)
+    assert 0 < none["weight_flatness"] < row["weight_flatness"] < 1  # rate 0.5 decays faster than 0.8
+    empty = report.records_frame([])
+    assert empty.empty and list(empty.columns) == list(report.COLUMNS)
+    assert report.scale_label(frame) == "cpu-small" and report.scale_label([]) == report.NO_RECORDS
+
+
+def test_select_runs_prefers_the_chosen_gamma_then_the_best_validation(frame: pd.DataFrame) -> None:
+    chosen = report.select_runs(frame)
+    so = chosen[(chosen["method"] == "byol") & (chosen["dataset"] == "cifar10") & (chosen["regularizer"] == "so")]
+    assert so["name"].tolist() == ["byol-cifar10-so-1e-06-s0"]  # chosen, although 1e-5 scored higher
+    assert not chosen["outside_paper_grid"].any()
+    unchosen = report.records_frame([_record(regularizer="so", gamma=g, knn=k) for g, k in ((1e-5, 0.3), (1e-6, 0.4))])
+    assert report.select_runs(unchosen)["gamma"].tolist() == [1e-6]  # best val_knn_top1 without a choice
+    assert len(report.select_runs(frame, seed=None).query("method == 'byol' and dataset == 'cifar10'")) == 7
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+def test_accuracy_table_differences_and_gaps(frame: pd.DataFrame) -> None:
+    table = report.accuracy_table(frame, ("knn_top1", "linear_top1"))
+    assert table.index.tolist() == [("byol", "cifar10"), ("byol", "cifar100"), ("simclr", "cifar10"), ("simclr", "cifar100")]
+    byol = table.loc[("byol", "cifar10")]
+    assert byol[("knn_top1", "none")] == 0.50 and byol[("knn_top1", "so")] == 0.53
+    assert byol[("knn_top1", "SO - none")] == pytest.approx(0.03)
+    assert byol[("linear_top1", "SRIP - none")] == pytest.approx(0.01)
+    assert byol[("gamma", "so")] == 1e-6 and byol[("gamma", "srip")] == 1e-3
+    assert math.isnan(table.loc[("simclr", "cifar100"), ("knn_top1", "so")])  # not recorded: a gap
+    assert table.loc[("simclr", "cifar100"), ("knn_top1", "SRIP - none")] == pytest.approx(-0.01)
+    assert report.accuracy_table(report.records_frame([])).empty
+    assert "1e-6" in report.styled(table).to_html()
+
+
+def test_gamma_table_and_table1(frame: pd.DataFrame) -> None:
+    gammas = report.gamma_table(frame)
+    assert gammas["gamma"].tolist() == [1e-6, 1e-5, 1e-1, 1e-3]
+    assert gammas["outside_paper_grid"].tolist() == [False, False, True, False]
+    assert gammas["knn_top1 - none"].tolist() == pytest.approx([0.03, 0.20, 0.40, 0.02])
+    t1 = report.table1(frame)
+    assert t1.index.tolist() == ["BYOL", "BYOL + feature whitening", "BYOL + SO", "BYOL + SRIP"]
+    assert t1.loc["BYOL + SO", "linear_top1"] == 0.62 and t1.loc["BYOL + feature whitening", "effective_rank"] == 14
+    partial = report.table1(report.records_frame([_record()]))
+    assert partial.loc["BYOL", "knn_top1"] == 0.5 and partial.loc["BYOL + SO"].drop("name").isna().all()
+
+
+def test_paired_seeds_mean_std_and_wins(frame: pd.DataFrame) -> None:
+    paired = report.paired_seeds(frame)
+    assert paired.index.tolist() == [0, 1, 2]
+    assert paired[("knn_top1", "SO - none")].tolist() == pytest.approx([0.03, -0.01, 0.04])
+    summary = report.paired_summary(paired).loc["knn_top1"]
+    assert summary["seeds"] == 3 and summary["wins"] == 2
+    assert summary["SO - none mean"] == pytest.approx(0.02)
+    assert summary["SO - none std"] == pytest.approx(np.std([0.03, -0.01, 0.04], ddof=1))
+    assert summary["none mean"] == pytest.approx(0.52) and summary["SO mean"] == pytest.approx(np.mean([0.53, 0.51, 0.58]))
+    lonely = report.paired_seeds(report.records_frame([_record(seed=5)]))  # no partner: left out
+    assert lonely.empty and report.paired_summary(lonely).loc["knn_top1", "wins"] == 0
+
+
+def test_transfer_table(records: list[dict[str, Any]]) -> None:
+    table = report.transfer_table(records)
+    assert table["target"].tolist() == ["cifar100", "cifar100"]
+    assert table["regularizer"].tolist() == ["none", "so"] and table["linear_top1"].tolist() == [0.20, 0.25]
+    assert report.transfer_table([]).empty
+
+
+def test_transfer_claim_pairs_by_seed_else_against_the_mean_without_or() -> None:
+    def probe(value: float) -> dict[str, Any]:
+        return {"transfer": {"cifar100": {"linear_top1": value}}}
+
+    records = [
+        _record(**probe(0.20)), _record(seed=1, **probe(0.30)),
+        _record(regularizer="so", gamma=1e-6, seed=1, **probe(0.33)),  # paired with seed 1: +0.03
+        _record(regularizer="so", gamma=1e-6, seed=2, **probe(0.24)),  # seed 2 unprobed without OR: 0.24 - 0.25
+    ]
+    row = report.claims(report.records_frame(records), records).loc["transfer"]
+    assert (row["n"], row["positive"], row["verdict"]) == (2, 1, report.NOT_SUPPORTED)
+    assert row["mean difference"] == pytest.approx((0.03 - 0.01) / 2)
+    assert "s2 SO (unpaired): -0.01" in row["differences"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Claims
+# ----------------------------------------------------------------------------------------------
+def test_verdict_rule() -> None:
+    assert report.verdict([]) == report.NO_DATA
+    assert report.verdict([math.nan]) == report.NO_DATA
+    assert report.verdict([0.1, 0.2]) == report.SUPPORTED
+    assert report.verdict([0.1, 0.2, -0.1]) == report.MIXED
+    assert report.verdict([0.1, -0.2]) == report.NOT_SUPPORTED
+    assert report.verdict([0.0]) == report.NOT_SUPPORTED
+
+
+def test_claims_on_no_records_are_no_data_yet() -> None:
+    table = report.claims(report.records_frame([]), [])
+    assert len(table) >= 10 and set(table["verdict"]) == {report.NO_DATA}
+    assert (table["n"] == 0).all() and (table["scale"] == report.NO_RECORDS).all()
+
+
+def test_claims_are_computed_from_the_records(frame: pd.DataFrame, records: list[dict[str, Any]]) -> None:
+    table = report.claims(frame, records)
+    so = table.loc["accuracy_so"]  # linear top-1, seed 0: byol/10 +0.02, byol/100 +0.02, simclr/10 +0.02
+    assert so["n"] == 3 and so["positive"] == 3 and so["verdict"] == report.SUPPORTED
+    assert so["mean difference"] == pytest.approx(0.02)
+    srip = table.loc["accuracy_srip"]  # byol/10 +0.01, simclr/100 -0.02
+    assert (srip["n"], srip["positive"], srip["verdict"]) == (2, 1, report.NOT_SUPPORTED)
+    knn = table.loc["accuracy_knn"]  # SO +0.03 +0.02 +0.01, SRIP +0.02 -0.01
+    assert (knn["n"], knn["positive"], knn["verdict"]) == (5, 4, report.MIXED)
+    seeds = table.loc["seeds"]
+    assert (seeds["n"], seeds["positive"], seeds["verdict"]) == (3, 2, report.MIXED)
+    assert table.loc["orthogonality", "positive"] == 4  # lower ||G||^2 in the four pairs where it changed
+    assert table.loc["weights", "verdict"] == report.MIXED  # flatter in 4 of 7 pairs (three kept rate 0.5)
+    assert table.loc["whitening_representation", "verdict"] == report.SUPPORTED  # 14 > 10
+    assert table.loc["whitening_inside", "verdict"] == report.SUPPORTED  # SO (0.8) flatter than whitening (0.6)
+    transfer = table.loc["transfer"]
+    assert transfer["n"] == 1 and transfer["mean difference"] == pytest.approx(0.05)
+    assert "byol/cifar10/s0 SO: +0.02" in so["differences"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------
+def test_spectra_figure_is_log_scale_with_one_line_per_run(records: list[dict[str, Any]]) -> None:
+    fig = report.spectra_figure(records, "weights")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["layer1.1.conv2", "layer2.1.conv2"]  # each stage's last conv
+    for ax in panels:
+        assert ax.get_yscale() == "log" and len(ax.get_lines()) == 3  # BYOL, whitening, SO
+    assert "[cpu-small records]" in fig._suptitle.get_text()
+    line = panels[0].get_lines()[0]
+    assert line.get_ydata()[0] == 1.0 and len(line.get_xdata()) == 8
+
+    fig = report.figure2(records)
+    assert [ax.get_title() for ax in fig.axes] == ["weights: layer2.1.conv2", "hidden features: layer3", "representation"]
+    assert all(len(ax.get_lines()) == 3 for ax in fig.axes)
+    fig = report.stage_spectra_figure(records)
+    assert [ax.get_title() for ax in fig.axes] == list(STAGES)
+    assert all(len(ax.get_lines()) == 3 and ax.get_yscale() == "log" for ax in fig.axes)  # none, SO, SRIP
+    with pytest.raises(ValueError, match="kind"):
+        report.spectra_figure(records, "gradients")
+
+
+def test_figures_of_no_records_say_no_data_yet() -> None:
+    for fig in (report.figure2([]), report.spectra_figure([], "hidden"), report.stage_spectra_figure([]),
+                report.gamma_response(report.records_frame([]))):
+        texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert texts and set(texts) == {"no data yet"}
+        assert "no records yet" in fig._suptitle.get_text()
+
+
+def test_gamma_response_marks_the_grid_the_choice_and_the_baseline(frame: pd.DataFrame) -> None:
+    fig = report.gamma_response(frame)
+    ax = fig.axes[1]  # test kNN
+    assert ax.get_xscale() == "log"
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["byol + SO", "byol + SRIP", "byol without OR"]
+    assert ax.get_lines()[2].get_ydata()[0] == 0.50  # the baseline
+    hollow = [c for c in ax.collections if c.get_facecolors().size and np.allclose(c.get_facecolors()[:, :3], 1.0)]
+    ringed = [c for c in ax.collections if not c.get_facecolors().size]
+    assert [c.get_offsets().tolist() for c in ringed] == [[[1e-6, 0.53]]]  # the chosen gamma
+    assert len(hollow) == 1 and hollow[0].get_offsets().tolist() == [[0.1, 0.9]]  # outside the grid
+    assert "cpu-small" in fig._suptitle.get_text()
+
+
+def test_save_spectra_figure_falls_back_and_says_so(records: list[dict[str, Any]], tmp_path: Path) -> None:
+    ci = [_record(scale="cpu-ci"), _record(method="byol_whitening", scale="cpu-ci")]
+    path = tmp_path / "figures" / "spectra.png"
+    fig = report.save_spectra_figure([], ci, path)
+    assert path.is_file() and "FALLBACK" in fig._suptitle.get_text() and "cpu-ci" in fig._suptitle.get_text()
+    fig = report.save_spectra_figure(records, ci, path)
+    assert "FALLBACK" not in fig._suptitle.get_text() and "cpu-small" in fig._suptitle.get_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# Bookkeeping
+# ----------------------------------------------------------------------------------------------
+def test_missing_runs_and_matrix_records(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({
+        "profile": "cpu", "results": str(results),
+        "runs": [{"group": "g", "method": "byol", "regularizer": ["none", "so"], "gamma": 1e-6, "seed": [0, 1]}],
+    }))
+    assert report.missing_runs(path)["name"].tolist() == [
+        "byol-cifar10-none-s0", "byol-cifar10-none-s1", "byol-cifar10-so-1e-6-s0", "byol-cifar10-so-1e-6-s1"]
+    assert report.matrix_records(path) == [] and report.load_folder(results) == []
+    write_record(results / "byol-cifar10-none-s0.json", {**_record(), "name": "byol-cifar10-none-s0"})
+    write_record(results / "stale.json", {**_record(), "name": "a-run-no-longer-in-the-file"})
+    missing = report.missing_runs(path)
+    assert len(missing) == 3 and "byol-cifar10-none-s0" not in missing["name"].tolist()
+    assert set(missing["groups"]) == {"g"}
+    assert [r["name"] for r in report.matrix_records(path)] == ["byol-cifar10-none-s0"]
+    assert report.matrix_runs(path).index.tolist()[0] == "byol-cifar10-none-s0"
+    assert report.missing_runs(tmp_path / "absent.yaml").empty
+    summary = report.folders_summary({"a": report.load_folder(results), "b": []})
+    assert summary.loc["a", "records"] == 2 and summary.loc["b", "scale"] == report.NO_RECORDS
+
+
+def test_overhead_table_and_figure() -> None:
+    benchmark = {
+        "scale": "cpu (2 cores)",
+        "runs": [{"label": "quiet", "step_s": {"none": 2.0, "so-fast": 2.1},
+                  "step_median_ratio_vs_none": {"so-fast": 1.05}, "or_only_s": {"so-fast": 0.1, "so-naive": 0.3},
+                  "additive_ratio_vs_none": {"so-fast": 1.05, "so-naive": 1.15}}],
+    }
+    table = report.overhead_table(benchmark)
+    assert table.index.tolist() == [("quiet", "none"), ("quiet", "so-fast"), ("quiet", "so-naive")]
+    assert table.loc[("quiet", "none"), "step / none (median)"] == 1.0
+    assert table.loc[("quiet", "so-fast"), "OR term alone (s)"] == 0.1
+    assert math.isnan(table.loc[("quiet", "so-naive"), "step_s"])
+    fig = report.overhead_figure(benchmark)
+    assert "cpu (2 cores)" in fig.axes[0].get_title()
+    assert report.overhead_table({}).empty
+    report.overhead_figure({})  # no benchmark yet: an empty panel, no error
