@@ -75,7 +75,7 @@ def provenance(command: str | Sequence[str] | None = None, wall_time_s: float | 
     """Where, when and with what a record was made.
 
     ``command`` defaults to this process's command line; ``git_dirty`` says whether tracked
-    files differed from ``git_commit`` when the record was written.
+    files outside ``results/`` differed from ``git_commit`` when the record was written.
     """
     import lightly
 
@@ -86,7 +86,8 @@ def provenance(command: str | Sequence[str] | None = None, wall_time_s: float | 
     cuda = torch.cuda.is_available()
     return {
         "git_commit": _git("rev-parse", "HEAD") or "unknown",
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # changes to tracked files other than results/ (which the runs themselves rewrite)
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results")),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores",
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu, {torch.get_num_threads()} threads",

@@ -7,6 +7,8 @@ here) by a clear margin, and so must the linear probe.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from or_core.config import resolve_config
@@ -23,6 +25,11 @@ def test_cpu_profile_byol_with_so_beats_its_random_initialization(cifar10_dir: P
     )
     untrained = evaluate_run(build_run(cfg), [], 0.0)
     trained = pretrain(cfg, tmp_path / "byol-so", progress=False)
+    artifacts = Path(os.environ.get("OR_CORE_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts"))
+    (artifacts / "learning").mkdir(parents=True, exist_ok=True)
+    (artifacts / "learning" / "cpu_profile_byol_so.json").write_text(
+        json.dumps({"untrained": untrained, "trained": trained}, indent=1)
+    )
     print(f"untrained kNN {untrained['knn_top1']:.4f} linear {untrained['linear_top1']:.4f}; "
           f"trained kNN {trained['knn_top1']:.4f} linear {trained['linear_top1']:.4f} "
           f"in {trained['wall_time_s']:.0f} s of training")
