@@ -52,6 +52,7 @@ __all__ = [
     "find_notebooks",
     "execute_notebook",
     "build_book",
+    "prepare_shared_datasets",
     "main",
 ]
 
@@ -315,6 +316,23 @@ def _stale_outputs(executed_dir: Path, sources: Sequence[Path]) -> list[Path]:
     return [p for p in executed_dir.glob("*.ipynb") if p.name not in names]
 
 
+def prepare_shared_datasets() -> list[Path]:
+    """Extract the project's shared data archives into the data root, when there are any.
+
+    On this project's machines ``../shared/datasets`` (or ``$OR_CORE_SHARED_DATASETS``) holds
+    CIFAR-10, CIFAR-100 and Imagenette-64 as ``*.tar.gz`` ImageFolder trees; they are extracted
+    once into :func:`or_core.data.default_data_root`, where the notebooks look first. Elsewhere
+    nothing happens and CIFAR is downloaded by torchvision when a notebook needs it.
+    """
+    from or_core.data import default_data_root, extract_archive
+
+    env = os.environ.get("OR_CORE_SHARED_DATASETS")
+    shared = Path(env) if env else REPO_ROOT.parent / "shared" / "datasets"
+    if not shared.is_dir():
+        return []
+    return [extract_archive(archive, default_data_root()) for archive in sorted(shared.glob("*.tar.gz"))]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m or_core.book",
@@ -351,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sources = find_notebooks(args.notebooks, notebooks_dir)
             if not sources:
                 raise BookError(f"no notebooks NN_*.ipynb in {notebooks_dir}")
+            for tree in prepare_shared_datasets():
+                print(f"data: {tree}")
             if not args.notebooks:
                 for stale in _stale_outputs(executed_dir, sources):
                     print(f"removing {stale} (its source notebook is gone)")

@@ -19,6 +19,7 @@ needs), and evaluation streams the test split likewise.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ class PretrainConfig:
     backbone: str = "resnet18"
     width: float = 1.0
     dataset: str = "cifar10"
-    data_root: str = "~/.cache/or_core/datasets"
+    data_root: str = field(default_factory=lambda: _default_data_root())
     image_size: int | None = None
     subset: int | None = None
     stream: bool = False
@@ -116,6 +117,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         "linear_epochs": 100,
     },
 }
+
+
+def _default_data_root() -> str:
+    """``$OR_CORE_CACHE/datasets`` when that variable is set (as :func:`or_core.data.default_data_root`
+    reads it), else ``~/.cache/or_core/datasets``, written unexpanded."""
+    cache = os.environ.get("OR_CORE_CACHE")
+    return str(Path(cache).expanduser() / "datasets") if cache else "~/.cache/or_core/datasets"
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
