@@ -202,6 +202,16 @@ def choose_gamma(records: Sequence[dict[str, Any]], regularizer: str, choose: di
 # ----------------------------------------------------------------------------------------------
 # One run
 # ----------------------------------------------------------------------------------------------
+def _load_at_most(name: str, split: str, root: Path, size: int, subset: int | None, seed: int):
+    """``subset`` class-balanced images of a split, or the whole split if it has fewer."""
+    try:
+        return load_split(name, split, root, size, subset, seed)
+    except ValueError as error:
+        if subset is None or not str(error).startswith("subset must be in"):
+            raise
+        return load_split(name, split, root, size, None, seed)
+
+
 @torch.no_grad()
 def _transfer(run, datasets: Sequence[str]) -> dict[str, dict[str, float]]:
     """Linear probe (and kNN) of the frozen encoder on other data sets, at the training size."""
@@ -210,8 +220,8 @@ def _transfer(run, datasets: Sequence[str]) -> dict[str, dict[str, float]]:
     size = run.image_size
     out = {}
     for name in datasets:
-        train = load_split(name, "train", root, size, cfg.eval_train_subset, cfg.seed)
-        test = load_split(name, "test", root, size, cfg.eval_test_subset, cfg.seed)
+        train = _load_at_most(name, "train", root, size, cfg.eval_train_subset, cfg.seed)
+        test = _load_at_most(name, "test", root, size, cfg.eval_test_subset, cfg.seed)
         backbone = run.method.backbone
         f_train = extract_features(backbone, train.images, run.mean, run.std, device=run.device)
         f_test = extract_features(backbone, test.images, run.mean, run.std, device=run.device)
