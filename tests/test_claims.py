@@ -1,0 +1,89 @@
+"""The paper's claims against the committed cpu-scale records (``results/matrix_cpu/``).
+
+These tests train nothing: they read the records that ``python -m or_core matrix
+configs/matrix_cpu.yaml`` committed and assert what holds in them. The matrix fills in over
+time; a claim whose runs are not recorded yet is skipped with the names it waits for, and a new
+record that contradicts a claim asserted here fails the suite, so that the book's statements
+(computed by :func:`or_core.report.claims` in notebook 05) and these tests move together.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from or_core.experiments import load_matrix, run_name
+from or_core.records import load_records
+
+REPO = Path(__file__).resolve().parents[1]
+MATRIX = REPO / "configs" / "matrix_cpu.yaml"
+RESULTS = REPO / "results" / "matrix_cpu"
+
+
+def _records() -> list[dict]:
+    return load_records(RESULTS) if RESULTS.is_dir() else []
+
+
+RECORDS = _records()
+
+
+def _key(record: dict) -> tuple[str, str, int]:
+    cfg = record["config"]
+    return cfg["method"], Path(cfg["dataset"]).name, cfg["seed"]
+
+
+def _pairs(min_gamma: float = 0.0) -> Iterator[tuple[dict, dict]]:
+    """(run without OR, run with OR) of the same method, data set and seed."""
+    baseline = {_key(r): r for r in RECORDS if r["config"]["regularizer"] == "none"}
+    for record in RECORDS:
+        cfg = record["config"]
+        if cfg["regularizer"] != "none" and _key(record) in baseline and record["summary"]["gamma"] >= min_gamma:
+            yield baseline[_key(record)], record
+
+
+def test_every_record_is_a_matrix_run_with_its_scale_and_provenance() -> None:
+    if not RECORDS:
+        pytest.skip(f"no records in {RESULTS} yet")
+    matrix = load_matrix(MATRIX)
+    fixed = {e.name for e in matrix.experiments if not e.needs_chosen_gamma}
+    chosen = {re.escape(e.name).replace("chosen", r"[0-9e.-]+") for e in matrix.experiments if e.needs_chosen_gamma}
+    for record in RECORDS:
+        name = record["name"]
+        assert Path(record["_path"]).stem == name == run_name(record["config"] | {"gamma": record["summary"]["gamma"]})
+        assert name in fixed or any(re.fullmatch(p, name) for p in chosen), f"{name} is not a run of {MATRIX.name}"
+        assert record["scale"] == "cpu-small" and record["config"]["profile"] == "cpu"
+        prov = record["provenance"]
+        assert re.fullmatch(r"[0-9a-f]{40}", prov["git_commit"]) and prov["git_dirty"] is False, name
+        assert {"date_utc", "device", "torch", "lightly", "command", "wall_time_s"} <= set(prov)
+        assert len(record["history"]) == record["config"]["epochs"]
+        assert len(record["collapse"]["weights"]) == 20 and set(record["collapse"]["hidden"]) == {
+            "layer1", "layer2", "layer3", "layer4"}
+        summary = record["summary"]
+        for metric in ("knn_top1", "knn_top5", "linear_top1", "linear_top5", "val_knn_top1"):
+            assert 0.0 <= summary[metric] <= 1.0, (name, metric)
+
+
+def test_every_cpu_profile_run_on_cifar10_learns() -> None:
+    """Each recorded CIFAR-10 encoder beats the kNN top-1 of the same backbone untrained, on the
+    same evaluation, by more than 5 points (the untrained number is a measured record)."""
+    pilots = json.loads((REPO / "results" / "cpu_profile" / "pilots_2026-11-25b.json").read_text())
+    untrained = next(r for r in pilots["runs"] if r["label"] == "P1_w125_s32")["untrained_same_backbone"]["knn_top1"]
+    cifar10 = [r for r in RECORDS if Path(r["config"]["dataset"]).name == "cifar10"]
+    if not cifar10:
+        pytest.skip(f"no CIFAR-10 records in {RESULTS} yet")
+    weak = [(r["name"], r["summary"]["knn_top1"]) for r in cifar10 if r["summary"]["knn_top1"] < untrained + 0.05]
+    assert not weak, f"untrained kNN top-1 {untrained:.3f}"
+
+
+def test_so_lowers_the_final_orthogonality_error() -> None:
+    """OR's own objective: with SO (any gamma of the paper's grid or above), the SO penalty summed
+    over the final backbone weights is below that of the same run without OR."""
+    pairs = [(a, b) for a, b in _pairs(min_gamma=1e-5) if b["config"]["regularizer"] == "so"]
+    if not pairs:
+        pytest.skip("no recorded pair (BYOL none, BYOL + SO with gamma >= 1e-5) of the same seed yet")
+    for none, so in pairs:
+        assert so["summary"]["or_so_total"] < none["summary"]["or_so_total"], (so["name"], none["name"])
