@@ -345,7 +345,12 @@ def run_matrix(
             if dry_run and any(not matrix.record_path(e).is_file() for e in wanted if not e.needs_chosen_gamma):
                 ran += [e.name for e in phase]
                 continue
-            phase = resolve_chosen(matrix, phase)
+            try:
+                phase = resolve_chosen(matrix, phase)
+            except RuntimeError:
+                if only is None:
+                    raise
+                continue  # a worker of the first phase: its runs are all in that phase
             for e in phase:
                 if matrix.record_path(e).is_file() and not dry_run and not rerun:
                     _merge_groups(matrix, e, work_dir)
