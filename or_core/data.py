@@ -54,6 +54,7 @@ __all__ = [
     "batches",
     "decode_image",
     "load_holdout",
+    "load_split_at_most",
     "default_cache_dir",
     "default_data_root",
     "extract_archive",
@@ -494,6 +495,24 @@ def _report_skipped(data: ImageTensors, location: Path, skip_corrupt: bool) -> N
         )
     message = f"skipped {data.num_skipped} corrupt image(s) in {location}, e.g. {first}"
     warnings.warn(message, stacklevel=3)  # points at the caller of load_split
+
+
+def load_split_at_most(
+    name_or_path: str | Path,
+    split: Split,
+    root: Path | str | None,
+    image_size: int | None,
+    subset: int | None,
+    seed: int = 0,
+) -> ImageTensors:
+    """:func:`load_split` with ``subset`` class-balanced images, or the whole split if it has
+    fewer (a small test split, Imagenette-64's 9,469 training images)."""
+    try:
+        return load_split(name_or_path, split, root, image_size, subset, seed)
+    except ValueError as error:
+        if subset is None or not str(error).startswith("subset must be in"):
+            raise
+        return load_split(name_or_path, split, root, image_size, None, seed)
 
 
 def load_holdout(

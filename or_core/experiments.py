@@ -47,7 +47,7 @@ import yaml
 
 from or_core.checkpoint import load_checkpoint
 from or_core.config import PretrainConfig, resolve_config
-from or_core.data import load_split
+from or_core.data import load_split, load_split_at_most
 from or_core.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from or_core.records import collapse_spectra, load_records, provenance, scale_of, write_record
 from or_core.train import CHECKPOINT_FILE, METRICS_FILE, build_run, pretrain
@@ -202,16 +202,6 @@ def choose_gamma(records: Sequence[dict[str, Any]], regularizer: str, choose: di
 # ----------------------------------------------------------------------------------------------
 # One run
 # ----------------------------------------------------------------------------------------------
-def _load_at_most(name: str, split: str, root: Path, size: int, subset: int | None, seed: int):
-    """``subset`` class-balanced images of a split, or the whole split if it has fewer."""
-    try:
-        return load_split(name, split, root, size, subset, seed)
-    except ValueError as error:
-        if subset is None or not str(error).startswith("subset must be in"):
-            raise
-        return load_split(name, split, root, size, None, seed)
-
-
 @torch.no_grad()
 def _transfer(run, datasets: Sequence[str]) -> dict[str, dict[str, float]]:
     """Linear probe (and kNN) of the frozen encoder on other data sets, at the training size."""
@@ -220,8 +210,8 @@ def _transfer(run, datasets: Sequence[str]) -> dict[str, dict[str, float]]:
     size = run.image_size
     out = {}
     for name in datasets:
-        train = _load_at_most(name, "train", root, size, cfg.eval_train_subset, cfg.seed)
-        test = _load_at_most(name, "test", root, size, cfg.eval_test_subset, cfg.seed)
+        train = load_split_at_most(name, "train", root, size, cfg.eval_train_subset, cfg.seed)
+        test = load_split_at_most(name, "test", root, size, cfg.eval_test_subset, cfg.seed)
         backbone = run.method.backbone
         f_train = extract_features(backbone, train.images, run.mean, run.std, device=run.device)
         f_test = extract_features(backbone, test.images, run.mean, run.std, device=run.device)

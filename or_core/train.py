@@ -47,7 +47,7 @@ from or_core.augment import MultiViewAugment, method_views
 from or_core.backbones import build_backbone
 from or_core.checkpoint import load_checkpoint, save_atomic
 from or_core.config import PretrainConfig
-from or_core.data import ImageTensors, batches, load_holdout, load_split, resolve_dataset, streaming_loader
+from or_core.data import ImageTensors, batches, load_holdout, load_split, load_split_at_most, resolve_dataset, streaming_loader
 from or_core.diagnostics import effective_rank, rankme, std_of_l2_normalized
 from or_core.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from or_core.methods import SSLMethod, build_method
@@ -288,17 +288,6 @@ def _epoch_order(cfg: PretrainConfig, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
 
 
-def _probe_images(cfg: PretrainConfig, root: Path, size: int = 512) -> torch.Tensor:
-    """The fixed test batch whose per-epoch statistics ``metrics.jsonl`` records: ``size``
-    class-balanced test images, or the whole test split if it is smaller."""
-    try:
-        return load_split(cfg.dataset, "test", root, cfg.image_size, size, cfg.seed).images
-    except ValueError as error:
-        if not str(error).startswith("subset must be in"):
-            raise
-        return load_split(cfg.dataset, "test", root, cfg.image_size, None, cfg.seed).images
-
-
 @torch.no_grad()
 def _probe_batch_stats(run: Run, probe: torch.Tensor) -> dict[str, float]:
     feats = extract_features(run.method.backbone, probe, run.mean, run.std, device=run.device, amp=run.cfg.amp)
@@ -418,7 +407,8 @@ def _pretrain(cfg: PretrainConfig, out: Path, progress: bool, stop_after_epochs:
             _write_metrics(out, history)
         if epoch >= cfg.epochs and summary_path.is_file():
             return json.loads(summary_path.read_text())
-    probe = _probe_images(cfg, Path(os.path.expanduser(cfg.data_root)))
+    # the fixed test batch whose statistics metrics.jsonl records every epoch
+    probe = load_split_at_most(cfg.dataset, "test", Path(os.path.expanduser(cfg.data_root)), cfg.image_size, 512, cfg.seed).images
     bar = tqdm(total=cfg.epochs * run.steps_per_epoch, initial=step, disable=not (progress and main), desc=f"{cfg.method}+{cfg.regularizer}")
     epochs_this_call = 0
     try:
