@@ -121,12 +121,7 @@ def plot_spectra(
             ax.plot(x[keep], v[keep], label=label, color=color, ls=_style(i), lw=1.6)
         ax.set_yscale("log")
         default_xlabel = "index / (count - 1)" if relative_index else "index (sorted, descending)"
-        ax.set_xlabel(xlabel or default_xlabel)
-        ax.set_ylabel(ylabel or ("value / largest" if normalize else "value"))
-        if title:
-            ax.set_title(title)
-        if spectra:
-            ax.legend(fontsize="small")
+        _finish(ax, xlabel or default_xlabel, ylabel or ("value / largest" if normalize else "value"), title, bool(spectra))
     return fig
 
 
@@ -167,12 +162,7 @@ def plot_curves(
             ax.axhline(level, ls=(0, (6, 3)), lw=1.0, color=color, label=label)
         if logy:
             ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        if title:
-            ax.set_title(title)
-        if curves or hlines:
-            ax.legend(fontsize="small")
+        _finish(ax, xlabel, ylabel, title, bool(curves or hlines))
     return fig
 
 
@@ -276,12 +266,7 @@ def plot_power_iteration(
                 lo = np.where(lo > 0, lo, np.nan)
                 ax.fill_between(xs[band], lo[band], hi[band], color=color, alpha=0.2, lw=0)
         ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        if title:
-            ax.set_title(title)
-        if errors:
-            ax.legend(fontsize="small")
+        _finish(ax, xlabel, ylabel, title, bool(errors))
     return fig
 
 
@@ -337,6 +322,16 @@ def plot_or_cost(
 # ----------------------------------------------------------------------------------------------
 # Figures of result records (used by or_core.report)
 # ----------------------------------------------------------------------------------------------
+def _finish(ax: Axes, xlabel: str, ylabel: str, title: str | None, legend: bool) -> None:
+    """Axis labels, the title when given, and a small legend when anything is labelled."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(fontsize="small")
+
+
 def _note(ax: Axes, text: str) -> None:
     """A centred grey note on an otherwise empty panel (e.g. ``"no data yet"``)."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
@@ -442,10 +437,5 @@ def plot_dose_response(
             ax.axhline(level, ls=(0, (6, 3)), lw=1.0, color=color, label=label)
         if series:
             ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        if title:
-            ax.set_title(title)
-        if series or baselines:
-            ax.legend(fontsize="small")
+        _finish(ax, xlabel, ylabel, title, bool(series or baselines))
     return fig
