@@ -1,0 +1,40 @@
+"""Every YAML file under configs/ is valid: plain config files resolve to a PretrainConfig, matrix
+files expand to runs whose configs resolve, with methods, regularizers and data sets that exist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from or_core.config import resolve_config
+from or_core.experiments import load_matrix
+from or_core.methods import available_methods
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def _is_matrix(path: Path) -> bool:
+    return "runs" in (yaml.safe_load(path.read_text()) or {})
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if not _is_matrix(p)], ids=lambda p: p.name)
+def test_config_file_resolves(path: Path) -> None:
+    cfg = resolve_config(config_file=path)
+    assert cfg.method in available_methods()
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if _is_matrix(p)], ids=lambda p: p.name)
+def test_matrix_file_expands_to_valid_runs(path: Path) -> None:
+    matrix = load_matrix(path)
+    assert matrix.experiments, f"{path.name} has no runs"
+    grids = matrix.choose.get("grids", {})
+    for experiment in matrix.experiments:
+        overrides = dict(experiment.overrides)
+        if experiment.needs_chosen_gamma:
+            assert overrides["regularizer"] in grids, f"{experiment.name}: no grid to choose its gamma from"
+            overrides["gamma"] = grids[overrides["regularizer"]][0]
+        cfg = resolve_config(matrix.profile, overrides={**overrides, "profile": matrix.profile})
+        assert cfg.method in available_methods() and cfg.regularizer in {"none", "so", "srip", "dso", "mc"}
+        assert cfg.dataset in {"cifar10", "cifar100"} or "/" not in cfg.dataset, experiment.name
