@@ -8,7 +8,8 @@
   max-pool) otherwise. ``width`` scales every stage's channels (``64, 128, 256, 512`` times
   ``width``) for narrow CPU runs.
 * ViTs are torchvision's ``VisionTransformer`` with patch 4 for images up to 64 px and patch 16
-  above; the output is the class token after the final norm.
+  above; the output is the class token after the final norm. Smaller images (multi-crop's
+  local views) are taken too, with the position embeddings resized to their patch grid.
 
 Every backbone works with :class:`or_core.OrthogonalityRegularizer`: its conv, linear and
 attention projection weights are what :func:`or_core.regularized_weights` selects (ResNet-18:
@@ -24,7 +25,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -77,7 +80,10 @@ def build_backbone(
         return _build_resnet(key, _resnet_stem(stem, image_size), width)
     if key in _VITS:
         if width != 1.0 or stem is not None:
-            raise ValueError(f"{name}: width and stem apply to ResNets only")
+            raise ValueError(
+                f"{name}: width and stem apply to ResNets only (got width={width}, stem={stem}; "
+                "the ci and cpu profiles set width 0.125: pass --width 1.0 with a ViT)"
+            )
         return _build_vit(key, 224 if image_size is None else image_size)
     raise ValueError(f"unknown backbone {name!r}: use one of {', '.join(BACKBONE_NAMES)}")
 
@@ -146,12 +152,46 @@ def _vit_patch_size(image_size: int) -> int:
     return 4 if image_size <= SMALL_IMAGE_SIZE else 16
 
 
+class _ViT(VisionTransformer):
+    """torchvision's ViT that also takes other image sizes than the one it was built for.
+
+    Images of the built size go through torchvision's forward unchanged. Other sizes (the small
+    local crops of DINO's and SwAV's multi-crop, e.g. 16 px crops of 32 px images) get the patch
+    position embeddings resized bicubically to their patch grid, as in the DINO paper; the class
+    token's embedding is kept. Sides must be multiples of the patch size.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] == x.shape[-1] == self.image_size:
+            return super().forward(x)
+        return self._forward_any_size(x)
+
+    def _forward_any_size(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"ViT with patch {p}: image size {h}x{w} is not a multiple of the patch")
+        tokens = self.conv_proj(x).flatten(2).transpose(1, 2)  # (N, h/p * w/p, D)
+        tokens = torch.cat([self.class_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+        encoder = self.encoder
+        hidden = encoder.dropout(tokens + self._position_embedding(h // p, w // p))
+        return self.heads(encoder.ln(encoder.layers(hidden))[:, 0])
+
+    def _position_embedding(self, rows: int, cols: int) -> torch.Tensor:
+        """``(1, 1 + rows * cols, D)``: the class token's embedding, then the patch grid's resized."""
+        embedding = self.encoder.pos_embedding
+        side = self.image_size // self.patch_size
+        grid = embedding[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+        return torch.cat([embedding[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+
+
 def _build_vit(name: str, image_size: int) -> tuple[nn.Module, int]:
     hidden_dim, num_layers, num_heads, mlp_dim = _VITS[name]
     patch_size = _vit_patch_size(image_size)
     if image_size % patch_size:
         raise ValueError(f"{name}: image_size {image_size} is not a multiple of patch {patch_size}")
-    model = VisionTransformer(
+    model = _ViT(
         image_size=image_size,
         patch_size=patch_size,
         num_layers=num_layers,

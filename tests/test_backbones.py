@@ -105,3 +105,24 @@ def test_bad_arguments_raise_clear_errors():
         build_backbone("resnet18", width=0)
     with pytest.raises(ValueError, match="ResNets only"):
         build_backbone("vit_small", image_size=32, width=0.5)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "vit_small"])
+def test_vit_at_its_own_size_is_torchvisions_vit_and_takes_smaller_crops(name):
+    """At the built size the patch grid's position embeddings are used as they are (the resize to
+    the same grid is the identity), so the size-agnostic path equals torchvision's forward; a
+    16 px multi-crop view gets features of the same dimension."""
+    torch.manual_seed(0)
+    backbone, dim = build_backbone(name, image_size=32)
+    backbone.eval()
+    side = 32 // backbone.patch_size
+    assert torch.equal(backbone._position_embedding(side, side), backbone.encoder.pos_embedding)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = backbone(x)
+        general = backbone._forward_any_size(x)  # the path of other sizes, on 32 px images
+        local = backbone(torch.randn(3, 3, 16, 16))
+    torch.testing.assert_close(general, reference)
+    assert local.shape == (3, dim) and torch.isfinite(local).all()
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        backbone(torch.randn(1, 3, 18, 18))

@@ -369,6 +369,28 @@ def test_dino_schedules_and_frozen_last_layer(images):
         assert trainable and all((p.grad is None) == frozen for p in trainable)
 
 
+@pytest.mark.parametrize("vit", ["vit_tiny"])
+def test_dino_trains_a_vit_on_global_and_local_crops(vit, images):
+    """DINO's recipe with a ViT (the paper's Table 3): 32 px global and 16 px local crops of real
+    CIFAR-10 images through one ViT, a finite loss with the OR term, and every regularized
+    weight of the ViT moves."""
+    from or_core.backbones import build_backbone
+
+    torch.manual_seed(0)
+    backbone, feature_dim = build_backbone(vit, image_size=IMAGE_SIZE)
+    method = build_method("dino", backbone, feature_dim, regularizer="so", gamma=1e-4,
+                          proj_hidden_dim=64, proj_output_dim=32, **SMALL_HEADS["dino"])
+    optimizer = sgd(method)
+    before = {k: v.detach().clone() for k, v in method.backbone.state_dict().items()}
+    for step in range(2):
+        views = make_views(method, images[:16], seed=step)
+        assert {v.shape[-1] for v in views} == {IMAGE_SIZE, LOCAL_SIZE}
+        out = train_step(method, optimizer, views, 0.5)
+        assert torch.isfinite(out["loss"]) and out["or_term"].item() > 0
+    moved = {k for k, v in method.backbone.state_dict().items() if not torch.equal(v, before[k])}
+    assert {n for n, _ in regularized_weights(method.backbone)} <= moved
+
+
 def test_swav_queue_fills_then_joins_and_prototypes_start_frozen(images):
     method = make_method("swav", queue_length=32, queue_start_progress=0.0,
                          freeze_prototypes_progress=0.5)
