@@ -16,7 +16,8 @@ Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them t
 and ``selenium`` (the ``test`` extra); the module is skipped, with the reason, without any of
 them. The browser is kept off the network: Selenium's driver manager is told to stay offline and
 Chromium resolves every host name but 127.0.0.1 to "not found", so a page pulling in something
-from a CDN (MathJax, say) loads without it instead of waiting on a connection.
+from a CDN loads without it instead of waiting on a connection; MathJax is served with the book
+(``sphinx-mathjax-offline``), and every formula must be typeset.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class Visit:
     links: set[str] = field(default_factory=set)
     #: ``(url, HTTP status)`` of every resource the page loaded from the local server.
     resources: list[tuple[str, int]] = field(default_factory=list)
+    #: ``(maths elements, of which MathJax has not typeset)``: Sphinx's ``.math`` spans and blocks.
+    maths: tuple[int, int] = (0, 0)
     screenshot: Path | None = None
 
 
@@ -185,6 +188,10 @@ return performance.getEntriesByType("resource")
 """
 _LOAD_LAZY_IMAGES = 'for (const img of document.images) img.loading = "eager";'
 _IMAGES_SETTLED = "return Array.from(document.images).every(img => img.complete);"
+_MATHS = """
+const maths = Array.from(document.querySelectorAll(".math"));
+return [maths.length, maths.filter(e => !e.querySelector("mjx-container")).length];
+"""
 _COLLECT_IMAGES = """
 return Array.from(document.images).map(img => ({
     src: img.getAttribute("src") || img.currentSrc,
@@ -249,6 +256,8 @@ def visit(browser, site: str) -> Iterator[Callable[[str], Visit]]:
         driver.execute_script(_LOAD_LAZY_IMAGES)
         wait_until(lambda d: d.execute_script(_IMAGES_SETTLED))
         result.images = driver.execute_script(_COLLECT_IMAGES)
+        wait_until(lambda d: d.execute_script(_MATHS)[1] == 0)
+        result.maths = tuple(driver.execute_script(_MATHS))
         if page == PAGES[page]:  # a redirect has no page of its own to picture
             result.screenshot = artifacts / f"{Path(page).stem}.png"
             _screenshot(driver, result.screenshot)
@@ -317,6 +326,16 @@ def test_every_internal_link_resolves(visit, http_status, page: str) -> None:
     assert not broken, f"{page}: broken internal links (HTTP status): {broken}"
     failed = {name: status for name, status in result.resources if status not in (200, 304)}
     assert not failed, f"{page}: resources that did not load (HTTP status, 0 = no answer): {failed}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_maths_is_typeset_offline(visit, page: str) -> None:
+    """MathJax ships with the book (sphinx-mathjax-offline), so every formula is typeset with
+    the browser kept off the network; the pages about the paper's maths have formulas."""
+    total, raw = visit(page).maths
+    assert raw == 0, f"{page}: {raw} of {total} formulas not typeset by MathJax"
+    if "or_theory" in page or "collapse" in page:
+        assert total > 0, f"{page}: no formula found"
 
 
 @pytest.mark.parametrize("page", [page for page in PAGES if page == PAGES[page]])
