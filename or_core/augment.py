@@ -41,6 +41,12 @@ other jobs shared; batch 256, 32 px, one thread, medians of A/B runs in one proc
   fixed order, so a seeded generator gives the same parameters on any device, and saving
   ``generator.get_state()`` in a checkpoint makes a resumed run exact. On CUDA they are
   sent over from pinned memory without stream syncs.
+* **Every op works image by image** (per-sample matrices, per-image reductions, subsets
+  gathered by index), so an image's views do not depend on the rest of its batch. A process
+  of a multi-process run therefore augments only its rows of the global batch
+  (``augment(images, generator, rows=(a, b), total=B)``): the parameters are drawn
+  for all ``B`` images, as in one process, and those of rows ``[a, b)`` applied; on the CPU
+  the views equal rows ``[a, b)`` of the whole batch's, bit for bit (tested with one thread).
 
 Throughput (``benchmarks/augment.py``, BYOL views at 32 px, batch 256, load average ~2):
 ~10000 two-view images/s on the 2-core CPU (2 threads; ~9100 with 1) vs ~860 for lightly's
@@ -87,6 +93,7 @@ __all__ = [
     "rgb_to_grayscale",
     "sample_crop_boxes",
     "sample_view_params",
+    "slice_view_params",
     "solarize",
 ]
 
@@ -335,6 +342,11 @@ def sample_view_params(
     blur_sigma = _uniform((n,), cfg.blur_sigmas[0], cfg.blur_sigmas[1], generator)
     sol = _bernoulli(n, cfg.solarize_prob, generator)
     return ViewParams(boxes, flip, cj_apply, cj_factors, cj_order, gray, blur, blur_sigma, sol)
+
+
+def slice_view_params(params: ViewParams, start: int, stop: int) -> ViewParams:
+    """The parameters of images ``start`` to ``stop - 1`` of a batch's ``params`` (views, no copy)."""
+    return ViewParams(*(field[start:stop] for field in params))
 
 
 # --------------------------------------------------------------------------------------
@@ -908,6 +920,23 @@ def augment_view(
     return _augment_hc(xh, value_scale, cfg, params, ws)
 
 
+def _batch_rows(n: int, rows: tuple[int, int] | None, total: int | None) -> tuple[int, int, int]:
+    """``(start, stop, total)`` of ``n`` images that are rows ``rows`` of a batch of ``total``.
+
+    Raises:
+        ValueError: ``rows`` does not hold ``n`` rows of ``range(total)``.
+    """
+    if rows is not None and total is None:
+        raise ValueError("rows needs total, the size of the whole batch")
+    start, stop = (0, n) if rows is None else (int(rows[0]), int(rows[1]))
+    total = n if total is None else int(total)
+    if stop - start != n or not 0 <= start <= stop <= total:
+        raise ValueError(
+            f"rows {(start, stop)} of a batch of {total} images do not describe the {n} images given"
+        )
+    return start, stop, total
+
+
 class MultiViewAugment(nn.Module):
     """Augment a uint8 batch into several views, each image with its own random parameters.
 
@@ -942,15 +971,39 @@ class MultiViewAugment(nn.Module):
         return self._workspace if cache else Workspace(cache=False)
 
     @torch.no_grad()
-    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
+    def forward(
+        self,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        rows: tuple[int, int] | None = None,
+        total: int | None = None,
+    ) -> list[Tensor]:
         """Return ``[view_0, view_1, ...]``, each ``(B, 3, S_i, S_i)`` float32, contiguous.
 
         The parameters of all views are drawn first (view by view, from ``generator``),
         then the input is converted to float once and shared by the views.
+
+        Args:
+            images: ``(B, 3, H, W)`` uint8 (or float in [0, 1]): a whole batch, or with
+                ``rows`` and ``total`` the rows ``[start, stop)`` of a batch of ``total``
+                images (``B = stop - start``).
+            generator: CPU generator for the random parameters (default: torch's global one).
+            rows: ``(start, stop)``: which rows of the batch ``images`` holds (default
+                ``(0, B)``); needs ``total``.
+            total: the size of the whole batch (default ``B``). The parameters are drawn
+                for all ``total`` images, exactly as a call on the whole batch draws them
+                (same generator use), and only rows ``[start, stop)`` are augmented: the
+                views equal rows ``[start, stop)`` of the views of the whole batch (bit for
+                bit on the CPU with one thread: every op works image by image). What a
+                process of a multi-process run uses to augment only its shard of the
+                global batch.
         """
         _check_images(images)
         n, _, height, width = images.shape
-        params = [sample_view_params(n, height, width, cfg, generator) for cfg in self.views]
+        start, stop, total = _batch_rows(n, rows, total)
+        params = [sample_view_params(total, height, width, cfg, generator) for cfg in self.views]
+        if (start, stop) != (0, total):
+            params = [slice_view_params(p, start, stop) for p in params]
         ws = self._workspace_for(images.device)
         xh, value_scale = _to_hc_layout(images, ws)
         return [_augment_hc(xh, value_scale, cfg, p, ws) for cfg, p in zip(self.views, params)]

@@ -739,18 +739,45 @@ def batch_indices(
     generator: torch.Generator | None = None,
     drop_last: bool = True,
     start: int = 0,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[Tensor]:
     """Index batches over ``range(n)``: one permutation drawn from ``generator`` per call.
 
     For an exact resume mid-epoch, restore the generator's state from the start of the epoch
     and pass ``start`` = the number of batches already done.
+
+    With ``rows = (first, stop)`` only the rows ``[first, stop)`` of every batch are yielded (the
+    permutation is the same): a process of a multi-process run takes its shard of every global
+    batch this way. Rows other than the whole batch need ``drop_last=True`` when ``n`` is no
+    multiple of ``batch_size`` (a trailing short batch would not split like the others).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    first, last = _check_rows(rows, batch_size, n, drop_last)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
     for begin in range(start * batch_size, stop, batch_size):
-        yield order[begin : begin + batch_size]
+        yield order[begin : begin + batch_size][first:last]
+
+
+def _check_rows(rows: tuple[int, int] | None, batch_size: int, n: int, drop_last: bool) -> tuple[int, int]:
+    """``rows`` as ``(first, stop)`` (default: the whole batch), checked against the batches.
+
+    Raises:
+        ValueError: ``rows`` is no range of ``range(batch_size)``, or only part of the batch
+            while a trailing short batch is kept (``drop_last=False``): it would not split
+            like the others.
+    """
+    if rows is None:
+        return 0, batch_size
+    first, last = int(rows[0]), int(rows[1])
+    if not 0 <= first < last <= batch_size:
+        raise ValueError(f"rows {(first, last)} are not a non-empty range of a batch of {batch_size}")
+    if (first, last) != (0, batch_size) and not drop_last and n % batch_size:
+        raise ValueError(
+            f"rows {(first, last)} of a trailing batch of {n % batch_size} images: use drop_last=True"
+        )
+    return first, last
 
 
 def batches(
@@ -760,14 +787,16 @@ def batches(
     generator: torch.Generator | None = None,
     drop_last: bool = True,
     start: int = 0,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """``(images, labels)`` batches sliced from resident tensors, on their device.
 
     The permutation is drawn on the CPU from ``generator`` (seeded, so a run and its resume see
-    the same order, see :func:`batch_indices`) and moved to the data's device.
+    the same order, see :func:`batch_indices`) and moved to the data's device. With ``rows``,
+    only those rows of every batch (:func:`batch_indices`).
     """
     device = data.images.device
-    for idx in batch_indices(len(data), batch_size, shuffle, generator, drop_last, start):
+    for idx in batch_indices(len(data), batch_size, shuffle, generator, drop_last, start, rows):
         idx = idx.to(device, non_blocking=True)
         yield data.images[idx], data.labels[idx]
 
@@ -786,6 +815,7 @@ def streaming_loader(
     drop_last: bool = False,
     pin_memory: bool | None = None,
     subset: int | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` of ``(uint8 (B, 3, S, S), int64 (B,))`` batches decoded from an ImageFolder.
 
@@ -809,6 +839,10 @@ def streaming_loader(
         pin_memory: default: when CUDA is available.
         subset: stream only this many images, a class-balanced subset chosen with ``seed`` (the
             same images as ``load_split(..., subset=subset, seed=seed)``).
+        rows: ``(first, stop)``: of every batch of ``batch_size`` indices, load only the rows
+            ``[first, stop)`` (:class:`SeededBatchSampler`). A process of a multi-process run
+            passes its shard of the global batch (:func:`or_core.distributed.shard_rows`), so
+            that its workers decode ``batch_size / W`` images per step instead of all of them.
     """
     split_dir = _streaming_split_dir(Path(root_or_split_dir).expanduser(), split)
     classes, files, labels = scan_image_folder(split_dir)
@@ -818,7 +852,7 @@ def streaming_loader(
     workers = _default_workers() if num_workers is None else num_workers
     return DataLoader(
         _DecodedFiles(files, labels, image_size, classes),
-        batch_sampler=SeededBatchSampler(len(files), batch_size, shuffle, drop_last, seed),
+        batch_sampler=SeededBatchSampler(len(files), batch_size, shuffle, drop_last, seed, rows),
         num_workers=workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=workers > 0,
@@ -829,16 +863,30 @@ class SeededBatchSampler(Sampler[list[int]]):
     """Index batches of a new permutation per pass (:func:`batch_indices`), drawn from
     ``generator`` in the main process. Setting ``generator`` before a pass (e.g. to a state
     that depends on the epoch alone) fixes that pass's order, whatever came before: what an
-    exact resume of a streamed run needs. The workers draw nothing."""
+    exact resume of a streamed run needs. The workers draw nothing.
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool = True, drop_last: bool = False, seed: int = 0) -> None:
+    With ``rows = (first, stop)`` every batch of ``batch_size`` indices is cut to its rows
+    ``[first, stop)``: processes that set the same generator and take disjoint rows load
+    disjoint shards of the same global batches."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        rows: tuple[int, int] | None = None,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.rows = _check_rows(rows, batch_size, n, drop_last)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for idx in batch_indices(self.n, self.batch_size, self.shuffle, self.generator, self.drop_last):
+        indices = batch_indices(self.n, self.batch_size, self.shuffle, self.generator, self.drop_last, rows=self.rows)
+        for idx in indices:
             yield idx.tolist()
 
     def __len__(self) -> int:

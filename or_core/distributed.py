@@ -12,13 +12,21 @@ process it:
   VICReg compute their statistics over the global batch, SwaV runs Sinkhorn over it;
 * synchronizes batch norm across processes and wraps the method in
   ``DistributedDataParallel`` (:func:`wrap_method`);
-* shards every global batch (:func:`shard`): each process augments the **whole** global batch
-  with the same seeded generator as every other process and keeps its own contiguous slice
-  ``[rank * B / W, (rank + 1) * B / W)`` of every view, so the views are exactly those of a
-  single-process run with the same global batch ``B`` (``batch_size`` in the config is the
-  global batch; it must be divisible by ``W``). Each process thus augments ``W`` times the
-  images it trains on, which is cheap next to the model: the batched augmentation of
-  :mod:`or_core.augment` runs at thousands of images per second per device;
+* shards every global batch (:func:`shard_rows`): ``batch_size`` in the config is the global
+  batch ``B`` (it must be divisible by ``W``), and every process draws the same permutation of
+  the training set (seeded by the seed and the epoch alone) but loads only its contiguous rows
+  ``[rank * B / W, (rank + 1) * B / W)`` of each global batch: resident data is indexed by them
+  (:func:`or_core.data.batches` with ``rows``), and with ``stream: true`` the
+  :class:`~or_core.data.SeededBatchSampler` hands only them to the DataLoader workers, so each
+  process decodes ``B / W`` JPEGs per step, not ``B``. Each process then augments its rows with
+  the parameters of the whole global batch: :class:`~or_core.augment.MultiViewAugment` with
+  ``rows`` and ``total`` draws the random parameters of all ``B`` images from the same seeded
+  generator as every other process (the generator advances exactly as in a single-process run,
+  so a resumed run stays exact) and applies those of its rows. Every augmentation op works image
+  by image, so the views are exactly (on the CPU bit for bit, as tested with one thread per
+  process, torchrun's default; on CUDA up to float rounding, as kernels may be chosen by the
+  batch size) rows ``[rank * B / W, (rank + 1) * B / W)`` of the views of a single-process run
+  with the same global batch, at ``1 / W`` of its decoding and augmentation work per process;
 * writes the run directory, shows the progress bar and evaluates on rank 0 only (every
   process loads the checkpoint to resume).
 
@@ -76,6 +84,7 @@ __all__ = [
     "method_kwargs",
     "rank",
     "shard",
+    "shard_rows",
     "world_size",
     "wrap_method",
 ]
@@ -188,22 +197,34 @@ def check_batch_size(batch_size: int) -> None:
         )
 
 
-def shard(views: Sequence[Tensor]) -> list[Tensor]:
-    """This process's contiguous slice ``[rank * B / W, (rank + 1) * B / W)`` of every view.
+def shard_rows(batch_size: int) -> tuple[int, int]:
+    """This process's rows ``[rank * B / W, (rank + 1) * B / W)`` of a global batch of ``B``.
 
-    The views are those of the whole global batch, the same on every process (same images,
-    same augmentation generator); in a single process they are returned as they are.
+    ``(0, batch_size)`` in a single process.
+
+    Raises:
+        ValueError: ``batch_size`` does not split evenly across the processes.
     """
     world = world_size()
-    if world == 1:
+    if batch_size % world != 0:
+        raise ValueError(f"a batch of {batch_size} images does not split evenly across {world} processes")
+    n = batch_size // world
+    return rank() * n, (rank() + 1) * n
+
+
+def shard(views: Sequence[Tensor]) -> list[Tensor]:
+    """This process's contiguous slice :func:`shard_rows` of every view of a whole global batch.
+
+    For views computed on every process from the whole global batch (same images, same
+    augmentation generator); in a single process they are returned as they are. Training
+    does not need it: each process loads and augments only its rows (:mod:`or_core.distributed`).
+    """
+    if world_size() == 1:
         return list(views)
-    r = rank()
     out = []
     for v in views:
-        if v.shape[0] % world != 0:
-            raise ValueError(f"a batch of {v.shape[0]} images does not split evenly across {world} processes")
-        n = v.shape[0] // world
-        out.append(v.narrow(0, r * n, n))
+        start, stop = shard_rows(v.shape[0])
+        out.append(v[start:stop])
     return out
 
 

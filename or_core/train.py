@@ -14,8 +14,8 @@ resumed run ends with weights bit-identical to an uninterrupted one.
 
 Launched by ``torchrun`` with several processes, the same loop trains with
 ``DistributedDataParallel`` (see :mod:`or_core.distributed`): ``batch_size`` is the global
-batch, each process trains on its shard of it, and rank 0 alone writes the run directory and
-evaluates.
+batch, each process loads, augments and trains on its shard of it, and rank 0 alone writes the
+run directory and evaluates.
 """
 
 from __future__ import annotations
@@ -111,10 +111,15 @@ class Run:
 
     def epoch_batches(self, epoch: int) -> Iterator[torch.Tensor]:
         """The uint8 training batches of ``epoch``, on the device, in an order that is a
-        function of the seed and the epoch alone (so a resumed run sees the same batches)."""
+        function of the seed and the epoch alone (so a resumed run sees the same batches).
+
+        In a multi-process run each is this process's shard of a global batch, its rows
+        :func:`or_core.distributed.shard_rows` (the loader of a streamed run decodes only those);
+        in one process the whole batch."""
         order = _epoch_order(self.cfg, epoch)
         if self.loader is None:
-            for images, _ in batches(self.train, self.cfg.batch_size, shuffle=True, generator=order):
+            rows = distributed.shard_rows(self.cfg.batch_size)
+            for images, _ in batches(self.train, self.cfg.batch_size, shuffle=True, generator=order, rows=rows):
                 yield images
             return
         self.loader.batch_sampler.generator = order  # SeededBatchSampler draws the permutation from it
@@ -132,9 +137,9 @@ def _training_data(cfg: PretrainConfig, root: Path) -> tuple[ImageTensors | None
     if cfg.subset is not None:
         raise ValueError("stream: true reads the whole training folder; subset needs the resident cache")
     source = resolve_dataset(cfg.dataset, root)
-    loader = streaming_loader(
+    loader = streaming_loader(  # each process decodes only its rows of every global batch
         source.root, cfg.decode_size or cfg.image_size, cfg.batch_size, cfg.num_workers,
-        shuffle=True, seed=cfg.seed, split="train", drop_last=True,
+        shuffle=True, seed=cfg.seed, split="train", drop_last=True, rows=distributed.shard_rows(cfg.batch_size),
     )
     return None, loader, len(loader.dataset), cfg.image_size
 
@@ -309,12 +314,17 @@ def _first_bad(losses: list[torch.Tensor], start_step: int) -> tuple[int, float]
 def training_step(run: Run, images: torch.Tensor, progress: float, augment_rng: torch.Generator) -> dict[str, torch.Tensor]:
     """One optimization step on a uint8 batch: augment, loss (+ OR term), backward, update.
 
+    ``images`` is the batch in one process; in a multi-process run it is this process's shard
+    (rows :func:`or_core.distributed.shard_rows`) of a global batch ``W`` times as large. Every
+    process draws the augmentation parameters of the whole global batch from ``augment_rng``
+    (the same stream on every process) and applies those of its own rows.
+
     Returns the method's loss terms, detached; nothing here waits for the device.
     """
     cfg, method = run.cfg, run.method
     amp = cfg.amp and run.device.type == "cuda"
-    # Every process augments the whole global batch (same generator) and keeps its shard.
-    views = distributed.shard(run.augment(images, generator=augment_rng))
+    total = images.shape[0] * distributed.world_size()
+    views = run.augment(images, generator=augment_rng, rows=distributed.shard_rows(total), total=total)
     if amp and cfg.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):

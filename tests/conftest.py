@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,25 @@ def cifar100_dir(shared_datasets_dir: Path) -> Path:
 def imagenette_dir(shared_datasets_dir: Path) -> Path:
     """The extracted Imagenette-64 ImageFolder root (``train/``, ``val/``)."""
     return _extracted(shared_datasets_dir, "imagenette-64.tar.gz")
+
+
+@pytest.fixture
+def small_image_folder(imagenette_dir: Path, tmp_path: Path) -> Callable[..., Path]:
+    """A factory of small ImageFolders of real Imagenette-64 files (symlinks) under ``tmp_path``:
+    ``make(per_class=40, classes=3)`` gives ``train/`` with ``per_class`` files of each of the
+    first ``classes`` classes and ``val/`` with half as many."""
+
+    def make(per_class: int = 40, classes: int = 3, name: str = "tiny-imagenette") -> Path:
+        dest = tmp_path / name
+        for split in ("train", "val"):
+            for class_dir in sorted((imagenette_dir / split).iterdir())[:classes]:
+                target = dest / split / class_dir.name
+                target.mkdir(parents=True)
+                for f in sorted(class_dir.iterdir())[: per_class if split == "train" else per_class // 2]:
+                    (target / f.name).symlink_to(f)
+        return dest
+
+    return make
 
 
 @pytest.fixture(scope="session")

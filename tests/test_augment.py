@@ -346,6 +346,70 @@ def test_repeated_calls_do_not_overwrite_earlier_views(images):
 
 
 # ----------------------------------------------------------------------------------------------
+# Rows of a batch (each process of a multi-process run augments only its shard)
+# ----------------------------------------------------------------------------------------------
+BATCH_ROWS = [(0, 32), (0, 16), (16, 32), (5, 13), (31, 32), (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def imagenette_images(imagenette_dir: Path) -> torch.Tensor:
+    """uint8 (32, 3, 64, 64): the first 4 Imagenette-64 training files of 8 classes."""
+    files = []
+    for class_dir in sorted((imagenette_dir / "train").iterdir())[:8]:
+        files += sorted(class_dir.iterdir())[:4]
+    arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _ops_hit_some_but_not_all(views: list[ViewConfig], n: int, generator: torch.Generator) -> set[str]:
+    """The ops (blur, solarize, gray, colour jitter) that hit some but not all of ``n`` images."""
+    hit = set()
+    for cfg in views:
+        p = A.sample_view_params(n, 64, 64, cfg, generator)
+        for name in ("blur", "solarize", "gray", "cj_apply"):
+            if 0 < int(getattr(p, name).sum()) < n:
+                hit.add(name)
+    return hit
+
+
+@pytest.mark.parametrize("method", ["byol", "dino", "swav"])  # blur + solarize; multi-crop, bicubic
+def test_rows_of_a_batch_equal_those_rows_of_the_whole_batch_bit_for_bit(imagenette_images, method):
+    """Views of rows [a, b) with the parameters drawn for the whole batch are rows [a, b) of the
+    whole batch's views, bit for bit, and the generator ends where a whole-batch call leaves it."""
+    images, seed = imagenette_images, 5
+    views = A.method_views(method, 80)  # above 64 px: the blur is on
+    n = images.shape[0]
+    assert {"blur", "gray", "cj_apply"} <= _ops_hit_some_but_not_all(views, n, torch.Generator().manual_seed(seed))
+    if method != "swav":
+        assert "solarize" in _ops_hit_some_but_not_all(views, n, torch.Generator().manual_seed(seed))
+    augment = MultiViewAugment(views)
+    generator = torch.Generator().manual_seed(seed)
+    whole = augment(images, generator=generator)
+    after_whole = generator.get_state()
+    for a, b in BATCH_ROWS:
+        generator = torch.Generator().manual_seed(seed)
+        rows = augment(images[a:b], generator=generator, rows=(a, b), total=n)
+        assert [v.shape[0] for v in rows] == [b - a] * len(views)
+        assert all(torch.equal(part, full[a:b]) for part, full in zip(rows, whole, strict=True)), (a, b)
+        assert torch.equal(generator.get_state(), after_whole)
+
+
+def test_rows_must_describe_the_images_given(imagenette_images):
+    augment = MultiViewAugment(A.method_views("byol", 64))
+    images = imagenette_images[:8]
+    with pytest.raises(ValueError, match="needs total"):
+        augment(images, rows=(0, 8))
+    for rows, total in (((0, 7), 16), ((10, 18), 16), ((-1, 7), 16)):
+        with pytest.raises(ValueError, match="do not describe the 8 images"):
+            augment(images, rows=rows, total=total)
+    # without rows the images are the first rows of the batch
+    gen_a, gen_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    first = augment(images, generator=gen_a, total=16)
+    again = augment(images, generator=gen_b, rows=(0, 8), total=16)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+# ----------------------------------------------------------------------------------------------
 # Per-method recipes
 # ----------------------------------------------------------------------------------------------
 def _lightly_transforms(method: str) -> list:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -180,21 +181,10 @@ def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path: Path) -> None:
         resolve_config("cpu", path)
 
 
-def _small_image_folder(source: Path, dest: Path, per_class: int = 40, classes: int = 3) -> Path:
-    """A small ImageFolder of real Imagenette-64 files (symlinks): train/ and val/."""
-    for split in ("train", "val"):
-        for class_dir in sorted((source / split).iterdir())[:classes]:
-            target = dest / split / class_dir.name
-            target.mkdir(parents=True)
-            for f in sorted(class_dir.iterdir())[: per_class if split == "train" else per_class // 2]:
-                (target / f.name).symlink_to(f)
-    return dest
-
-
-def test_streaming_run_trains_and_resumes_exactly(imagenette_dir: Path, tmp_path: Path) -> None:
+def test_streaming_run_trains_and_resumes_exactly(small_image_folder: Callable[..., Path], tmp_path: Path) -> None:
     """``stream: true``: DataLoader workers decode every epoch; the batch order is seeded per
     epoch, so 1 epoch + resume + 1 epoch equals 2 epochs in one go, weight for weight."""
-    folder = _small_image_folder(imagenette_dir, tmp_path / "tiny-imagenette")
+    folder = small_image_folder()
     cfg = tiny(tmp_path, dataset=str(folder), subset=None, stream=True, image_size=32, decode_size=40,
                num_workers=1, batch_size=32, eval_train_subset=None, eval_test_subset=None, val_images=None)
     straight = pretrain(cfg, tmp_path / "straight", progress=False)
