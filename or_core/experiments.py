@@ -286,6 +286,9 @@ def _merge_groups(matrix: Matrix, experiment: Experiment, work_dir: Path) -> Non
             )
         run.method.load_state_dict(state["method"])
         record["transfer"] = {**(record.get("transfer") or {}), **_transfer(run, missing)}
+    # The training's provenance stays; what this merge added has its own (code, date, command).
+    merged = {"added": {"groups": experiment.groups, "transfer": missing}, **provenance()}
+    record["provenance"]["merges"] = [*record["provenance"].get("merges", []), merged]
     write_record(path, record)
 
 

@@ -120,6 +120,9 @@ def test_a_small_matrix_runs_chooses_gamma_on_validation_and_resumes(data_root: 
     assert chosen_s0["groups"] == ["grid", "pair"] and chosen_s0["gamma_choice"]["gamma"] == float(best)
     # the pair asks for a transfer probe: added to the grid's record from its checkpoint
     assert set(chosen_s0["transfer"]) == {"cifar100"} and set(records[f"byol-cifar10-so-{best}-s1"]["transfer"]) == {"cifar100"}
+    # ... with a provenance of its own next to the training's
+    (merge,) = chosen_s0["provenance"]["merges"]
+    assert merge["added"] == {"groups": ["pair"], "transfer": ["cifar100"]} and "git_commit" in merge and "date_utc" in merge
     none = records["byol-cifar10-none-s0"]
     assert none["scale"] == "cpu-small" and none["summary"]["val_images"] == 200
     assert set(none["transfer"]["cifar100"]) >= {"linear_top1", "knn_top1"}
