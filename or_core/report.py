@@ -82,6 +82,7 @@ __all__ = [
     "verdict",
     "VERDICT_RULE",
     "claims",
+    "claims_summary",
     "styled",
     "missing_runs",
     "matrix_runs",
@@ -690,6 +691,28 @@ def claims(frame: pd.DataFrame, records: Sequence[Mapping[str, Any]]) -> pd.Data
     table = pd.DataFrame(rows).set_index("id")
     table.insert(0, "scale", scale_label(frame))
     return table
+
+
+def claims_summary(table: pd.DataFrame) -> str:
+    """The verdicts of a :func:`claims` table in plain words (Markdown): one bullet per verdict,
+    each claim with how many of its differences agree with the paper, then the claims still
+    without data. Nothing in it is typed in: every word comes from ``table``."""
+    if table.empty:
+        return "No claims to report."
+    scale = ", ".join(sorted(set(table["scale"].astype(str))))
+    lines = [f"At the **{scale}** scale, against the rule *{VERDICT_RULE}*:", ""]
+    headings = {SUPPORTED: "Supported", MIXED: "Mixed", NOT_SUPPORTED: "Not supported"}
+    for verdict_name, heading in headings.items():
+        rows = table[table["verdict"] == verdict_name]
+        if rows.empty:
+            continue
+        items = "; ".join(f"{row['claim'].rstrip('.')} ({row['positive']} of {row['n']})"
+                          for _, row in rows.iterrows())
+        lines.append(f"* **{heading}**: {items}.")
+    waiting = table[table["verdict"] == NO_DATA]
+    if not waiting.empty:
+        lines.append(f"* **No data yet**: {'; '.join(waiting['claim'])}.")
+    return "\n".join(lines)
 
 
 def styled(table: pd.DataFrame, digits: int = 3) -> Any:

@@ -344,3 +344,18 @@ def test_overhead_table_and_figure() -> None:
     assert "cpu (2 cores)" in fig.axes[0].get_title()
     assert report.overhead_table({}).empty
     report.overhead_figure({})  # no benchmark yet: an empty panel, no error
+
+
+def test_claims_summary_states_each_verdict_with_its_counts(frame: pd.DataFrame, records: list[dict[str, Any]]) -> None:
+    table = report.claims(frame, records)
+    text = report.claims_summary(table)
+    lines = {line.split("**")[1]: line for line in text.splitlines() if line.startswith("* **")}
+    assert "OR (SO) improves linear accuracy across methods and data sets (3 of 3)" in lines["Supported"]
+    assert "OR (SRIP) improves linear accuracy across methods and data sets (1 of 2)" in lines["Not supported"]
+    assert "OR improves kNN accuracy across methods and data sets (4 of 5)" in lines["Mixed"]
+    for claim, verdict_name in zip(table["claim"], table["verdict"]):
+        heading = {report.SUPPORTED: "Supported", report.MIXED: "Mixed",
+                   report.NOT_SUPPORTED: "Not supported", report.NO_DATA: "No data yet"}[verdict_name]
+        assert claim in lines[heading]
+    empty = report.claims_summary(report.claims(report.records_frame([]), []))
+    assert "No data yet" in empty and "Supported" not in empty
