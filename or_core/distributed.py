@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -83,7 +83,6 @@ __all__ = [
     "local_rank",
     "method_kwargs",
     "rank",
-    "shard",
     "shard_rows",
     "world_size",
     "wrap_method",
@@ -210,22 +209,6 @@ def shard_rows(batch_size: int) -> tuple[int, int]:
         raise ValueError(f"a batch of {batch_size} images does not split evenly across {world} processes")
     n = batch_size // world
     return rank() * n, (rank() + 1) * n
-
-
-def shard(views: Sequence[Tensor]) -> list[Tensor]:
-    """This process's contiguous slice :func:`shard_rows` of every view of a whole global batch.
-
-    For views computed on every process from the whole global batch (same images, same
-    augmentation generator); in a single process they are returned as they are. Training
-    does not need it: each process loads and augments only its rows (:mod:`or_core.distributed`).
-    """
-    if world_size() == 1:
-        return list(views)
-    out = []
-    for v in views:
-        start, stop = shard_rows(v.shape[0])
-        out.append(v[start:stop])
-    return out
 
 
 def all_reduce_mean(tensor: Tensor) -> Tensor:
