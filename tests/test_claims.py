@@ -116,3 +116,16 @@ def test_or_flattens_the_weight_spectra(regularizer: str, min_gamma: float) -> N
         pytest.skip(f"no recorded pair (none, {regularizer} with gamma >= {min_gamma:g}) of the same run yet")
     flatter = [(b["name"], _weight_flatness(b), _weight_flatness(a)) for a, b in pairs]
     assert not [f for f in flatter if f[1] <= f[2]], f"(run, its flatness, the flatness without OR): {flatter}"
+
+
+def test_feature_whitening_raises_the_effective_rank_of_the_representation() -> None:
+    """Table 1 / Figure 2 (representations): BYOL with VICReg's variance and covariance terms on
+    the representation ends with a higher effective rank of its representation than BYOL
+    alone (same data set and seed), the collapse that whitening is built to prevent."""
+    byol = {_key(r)[1:]: r for r in RECORDS if r["config"]["method"] == "byol" and r["config"]["regularizer"] == "none"}
+    pairs = [(byol[_key(r)[1:]], r) for r in RECORDS
+             if r["config"]["method"] == "byol_whitening" and _key(r)[1:] in byol]
+    if not pairs:
+        pytest.skip("no recorded pair of BYOL and BYOL + whitening of the same run yet")
+    ranks = [(b["name"], b["summary"]["effective_rank"], a["summary"]["effective_rank"]) for a, b in pairs]
+    assert all(white > plain for _, white, plain in ranks), f"(run, its effective rank, BYOL's): {ranks}"
