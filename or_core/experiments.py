@@ -322,8 +322,9 @@ def run_matrix(
 
     Runs that need no chosen gamma go first; then the gamma is chosen from their records and
     the rest run (a chosen run the grid already made is not trained again: its record gains
-    the group). ``jobs > 1`` starts that many worker processes (``python -m or_core matrix
-    --only ...``, ``cores / jobs`` torch threads each) per phase and waits for them. ``only``
+    the group). ``jobs > 1`` trains that many runs at once, each in its own process
+    (``python -m or_core matrix --only NAME``, ``cores / jobs`` torch threads), the next
+    starting when one ends; each phase waits for all of its runs. ``only``
     restricts the matrix to runs with these names (chosen runs by their resolved names).
     ``rerun`` trains the selected runs again and overwrites their records (give it a fresh
     ``work_dir``: a finished run directory is returned as it is).
@@ -365,8 +366,13 @@ def run_matrix(
 
 
 def _run_workers(
-    matrix: Matrix, work_dir: Path, jobs: int, names: list[str], results: str | Path | None, rerun: bool = False
+    matrix: Matrix, work_dir: Path, jobs: int, names: list[str], results: str | Path | None, rerun: bool = False,
+    poll_s: float = 2.0,
 ) -> None:
+    """Train ``names`` in up to ``jobs`` processes at once, one run per process
+    (``python -m or_core matrix --only NAME``), each starting as soon as a core is free, so
+    that no core idles while runs are left (runs take 400 to 700 s on the cpu scale). A
+    failed run does not stop the others; the first failure is raised once all have ended."""
     threads = max(1, (os.cpu_count() or jobs) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "or_core", "matrix", str(matrix.path), "--work", str(work_dir)]
@@ -374,11 +380,17 @@ def _run_workers(
         cmd += ["--results", str(results)]
     if rerun:
         cmd += ["--rerun"]
-    workers = [
-        subprocess.Popen([*cmd, "--only", *names[i::jobs]], env=env)
-        for i in range(jobs)
-        if names[i::jobs]
-    ]
-    codes = [w.wait() for w in workers]
-    if any(codes):
-        raise RuntimeError(f"matrix workers exited with {codes}; rerun the same command to resume")
+    pending, running, failed = list(names), {}, []
+    while pending or running:
+        while pending and len(running) < jobs:
+            name = pending.pop(0)
+            running[name] = subprocess.Popen([*cmd, "--only", name], env=env)
+        finished = {name: code for name, worker in running.items() if (code := worker.poll()) is not None}
+        for name, code in finished.items():
+            del running[name]
+            if code:
+                failed.append(f"{name} (exit code {code})")
+        if not finished:
+            time.sleep(poll_s)
+    if failed:
+        raise RuntimeError(f"matrix runs failed: {', '.join(failed)}; rerun the same command to resume")
