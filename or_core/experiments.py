@@ -162,9 +162,12 @@ def load_matrix(path: str | Path, results: str | Path | None = None) -> Matrix:
         Experiment(name, s["overrides"], tuple(s["groups"]), tuple(s["transfer"]), s["outside"])
         for name, s in merged.items()
     ]
-    results_dir = Path(results) if results is not None else Path(spec.get("results", "results/matrix"))
-    if not results_dir.is_absolute():
-        results_dir = path.resolve().parents[1] / results_dir if path.parent.name == "configs" else results_dir
+    if results is not None:  # given by the caller: relative to the working directory
+        results_dir = Path(results)
+    else:  # the file's own: relative to the repository that holds configs/
+        results_dir = Path(spec.get("results", "results/matrix"))
+        if not results_dir.is_absolute() and path.parent.name == "configs":
+            results_dir = path.resolve().parents[1] / results_dir
     return Matrix(path, spec.get("profile", "cpu"), results_dir, base, spec.get("choose_gamma") or {}, experiments)
 
 

@@ -176,3 +176,17 @@ def test_parallel_runs_start_as_soon_as_a_worker_is_free(tmp_path: Path, monkeyp
     with pytest.raises(RuntimeError, match=r"broken \(exit code 3\)"):
         experiments._run_workers(matrix, tmp_path, 2, list(durations), None)
     assert started == {"long": 0, "short": 0, "next": 1, "broken": 3, "last": 4}
+
+
+def test_results_folder_given_by_the_caller_is_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's own ``results`` is relative to the repository; an explicit folder (the
+    notebooks pass ``../results/matrix_cpu``) is taken as given, from the working directory."""
+    repo = Path(__file__).resolve().parents[1]
+    matrix_file = repo / "configs" / "matrix_cpu.yaml"
+    assert load_matrix(matrix_file).results == repo / "results" / "matrix_cpu"
+    monkeypatch.chdir(repo / "notebooks")
+    given = load_matrix(matrix_file, "../results/matrix_cpu").results
+    assert given.resolve() == (repo / "results" / "matrix_cpu").resolve()
+    assert load_matrix(matrix_file, tmp_path / "elsewhere").results == tmp_path / "elsewhere"
