@@ -7,7 +7,7 @@ and times full training steps after a warm-up, waiting for the device at both en
 Usage::
 
     python benchmarks/train_throughput.py                          # cpu profile, every method
-    python benchmarks/train_throughput.py --profile gpu --methods byol --steps 50
+    python benchmarks/train_throughput.py --profile gpu --methods byol --regularizers none so srip
     python benchmarks/train_throughput.py --data-root PATH --json out.json
 """
 
@@ -60,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default=None, help="cpu or gpu (default: gpu on CUDA, else cpu)")
     parser.add_argument("--methods", nargs="*", default=None, help="default: every method")
-    parser.add_argument("--regularizer", default="so")
+    parser.add_argument("--regularizers", nargs="+", default=["so"], help="one row per method and regularizer (default: so)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 cpu, 50 gpu)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 1 cpu, 10 gpu)")
     parser.add_argument("--data-root", default=None)
@@ -75,10 +75,11 @@ def main() -> None:
     results = []
     print(f"{'method':<16}{'backbone':<16}{'batch':>6}{'images/s':>12}  device")
     for method in args.methods or available_methods():
-        r = throughput(method, profile, args.regularizer, steps, warmup, overrides)
-        results.append(r)
-        print(f"{method:<16}{r['backbone']:<16}{r['batch_size']:>6}{r['images_per_s']:>12.1f}  {r['device']}", flush=True)
-    payload = {"benchmark": "train_throughput", "torch": torch.__version__, "results": results}
+        for regularizer in args.regularizers:
+            r = throughput(method, profile, regularizer, steps, warmup, overrides)
+            results.append(r)
+            print(f"{method + '+' + regularizer:<16}{r['backbone']:<16}{r['batch_size']:>6}{r['images_per_s']:>12.1f}  {r['device']}", flush=True)
+    payload = {"benchmark": "train_throughput", "compile": args.compile, "torch": torch.__version__, "results": results}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)

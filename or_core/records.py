@@ -75,7 +75,9 @@ def provenance(command: str | Sequence[str] | None = None, wall_time_s: float | 
     """Where, when and with what a record was made.
 
     ``command`` defaults to this process's command line; ``git_dirty`` says whether tracked
-    files outside ``results/`` differed from ``git_commit`` when the record was written.
+    files outside ``results/`` differed from ``git_commit`` when the record was written. In a
+    copy of the tree without ``.git`` the commit is ``$OR_CORE_GIT_COMMIT`` (whoever copies the
+    tree vouches for it) or ``"unknown"``.
     """
     import lightly
 
@@ -85,7 +87,7 @@ def provenance(command: str | Sequence[str] | None = None, wall_time_s: float | 
         command = " ".join(str(c) for c in command)
     cuda = torch.cuda.is_available()
     return {
-        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("OR_CORE_GIT_COMMIT", "unknown"),
         # changes to tracked files other than results/ (which the runs themselves rewrite)
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results")),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

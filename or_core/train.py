@@ -191,6 +191,8 @@ def build_run(cfg: PretrainConfig) -> Run:
     # gradients were 1.5-3% off a float64 reference (NCHW: 3e-6 to 4e-3); measured 2026-11-25.
     if device.type == "cuda" and cfg.channels_last:
         method.to(memory_format=torch.channels_last)
+    if device.type == "cuda":  # fixed shapes: let cuDNN pick its fastest convolution once per shape
+        torch.backends.cudnn.benchmark = True
     module = distributed.wrap_method(method, device)
     views = method_views(method.augmentation, image_size, n_local_views=method.num_local_views)
     if cfg.augment_overrides:  # e.g. {"min_scale": 0.2}, on the global (full-size) views only
@@ -245,14 +247,15 @@ def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
 
 
 def git_commit() -> str:
-    """The commit of the or_core checkout, or ``"unknown"`` outside a git checkout."""
+    """The commit of the or_core checkout. Outside a git checkout (a copy of the tree sent to
+    another machine, say) it is ``$OR_CORE_GIT_COMMIT`` if set, else ``"unknown"``."""
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
             text=True, timeout=10, check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("OR_CORE_GIT_COMMIT", "unknown")
 
 
 def device_name(device: torch.device) -> str:

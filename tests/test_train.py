@@ -18,7 +18,7 @@ import yaml
 
 from or_core.config import PretrainConfig, resolve_config
 from or_core.methods import available_methods
-from or_core.train import NonFiniteLossError, RunConfigMismatchError, build_run, pretrain
+from or_core.train import NonFiniteLossError, RunConfigMismatchError, build_run, pretrain, training_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,3 +199,44 @@ def test_streaming_run_trains_and_resumes_exactly(small_image_folder: Callable[.
     assert sub["eval_train_images"] == 30 and sub["eval_test_images"] == 15
     with pytest.raises(ValueError, match="needs image_size"):
         build_run(tiny(tmp_path, dataset=str(folder), subset=None, stream=True))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+def test_a_cuda_step_in_float32_equals_the_cpu_step(data_root: Path) -> None:
+    """BYOL + SO, one step from the same initial weights on the same real images with the same
+    augmentation stream: the CUDA update equals the CPU update to float32 rounding (TF32 off)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        updates = {}
+        for device in ("cpu", "cuda"):
+            run = build_run(tiny(data_root, regularizer="so", gamma=1e-4, device=device, amp=False, channels_last=False))
+            before = {k: v.detach().cpu().clone() for k, v in run.method.backbone.named_parameters()}
+            out = training_step(run, run.train.images[:64], 0.0, torch.Generator().manual_seed(5))
+            assert torch.isfinite(out["loss"]).item() and out["or_term"].item() > 0
+            updates[device] = torch.cat(
+                [(p.detach().cpu() - before[k]).flatten() for k, p in run.method.backbone.named_parameters()]
+            )
+        relative = (updates["cuda"] - updates["cpu"]).norm() / updates["cpu"].norm()
+        assert updates["cpu"].norm() > 0 and relative < 1e-3, f"relative update difference {relative:.2e}"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["byol", "simclr", "dino"])
+def test_a_cuda_run_with_bf16_and_channels_last_trains_evaluates_and_resumes(method: str, data_root: Path, tmp_path: Path) -> None:
+    """The CUDA path as the gpu profile uses it (bf16 autocast, channels_last): finite losses, the
+    OR term in float32, a summary naming the GPU, and a resumed run that ends where it would."""
+    cfg = tiny(data_root, method=method, regularizer="so", gamma=1e-4, device="cuda", amp=True, channels_last=True, epochs=2)
+    pretrain(cfg, tmp_path / "first", progress=False, stop_after_epochs=1)
+    summary = pretrain(cfg, tmp_path / "first", progress=False)
+    lines = [json.loads(s) for s in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert all(m["or_term"] > 0 and m["ssl_loss"] == m["ssl_loss"] for m in lines)
+    assert summary["device"] == torch.cuda.get_device_name() and 0.0 <= summary["knn_top1"] <= 1.0
+    state = torch.load(tmp_path / "first" / "checkpoint.pt", weights_only=False, map_location="cpu")
+    assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
