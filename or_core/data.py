@@ -87,8 +87,13 @@ def default_cache_dir() -> Path:
 # Archives
 # ----------------------------------------------------------------------------------------------
 def _fingerprint(path: Path) -> str:
-    stat = path.stat()
-    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    """``sha256:<hex>`` of the file's content: a copy of the same archive elsewhere (another
+    path, another mtime) is recognized as already extracted (hashing 30 MB takes ~0.1 s)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def _extract_into(archive: Path, target: Path) -> None:
@@ -112,8 +117,10 @@ def extract_archive(archive: Path | str, cache_dir: Path | str) -> Path:
 
     Idempotent and safe when interrupted: the archive is extracted into a temporary folder beside
     the target, moved into place with one rename, and only then is a marker
-    ``<cache_dir>/<archive name>.extracted`` written (with the archive's size and mtime, so a
-    changed archive is extracted again). Without a valid marker the target is rebuilt.
+    ``<cache_dir>/<archive name>.extracted`` written (with the archive's SHA-256, so a changed
+    archive is extracted again and a copy of the same one elsewhere is not). Without a valid
+    marker the target is rebuilt; an old folder is renamed away first, so a process reading
+    it meanwhile never finds it missing.
 
     An archive holding a single top-level folder (``cifar10/...``) yields
     ``<cache_dir>/cifar10``; any other layout yields ``<cache_dir>/<archive stem>``.
@@ -122,7 +129,8 @@ def extract_archive(archive: Path | str, cache_dir: Path | str) -> Path:
     if not archive.is_file():
         raise FileNotFoundError(f"archive not found: {archive}")
     marker = cache_dir / (archive.name + _MARKER_SUFFIX)
-    found = _completed_extraction(marker, archive)
+    fingerprint = _fingerprint(archive)
+    found = _completed_extraction(marker, fingerprint)
     if found is not None:
         return found
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -133,24 +141,25 @@ def extract_archive(archive: Path | str, cache_dir: Path | str) -> Path:
         source = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
         name = source.name if source is not tmp else archive.name.split(".")[0]
         target = cache_dir / name
-        done_meanwhile = _completed_extraction(marker, archive)  # by a concurrent process
+        done_meanwhile = _completed_extraction(marker, fingerprint)  # by a concurrent process
         if done_meanwhile is not None:
             return done_meanwhile
-        if target.exists():  # left by an interrupted run (no valid marker)
-            shutil.rmtree(target)
+        if target.exists():  # left by an interrupted run, or another archive's: swap it out
+            os.replace(target, tmp / ".replaced")  # (readers never find the folder missing)
         os.replace(source, target)
-        _atomic_write_text(marker, f"{_fingerprint(archive)}\n{name}\n")
+        _atomic_write_text(marker, f"{fingerprint}\n{name}\n")
         return target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _completed_extraction(marker: Path, archive: Path) -> Path | None:
-    """The extracted folder if ``marker`` says ``archive`` was fully extracted, else ``None``."""
+def _completed_extraction(marker: Path, fingerprint: str) -> Path | None:
+    """The extracted folder if ``marker`` says the archive of ``fingerprint`` was fully
+    extracted, else ``None``."""
     if not marker.is_file():
         return None
     lines = marker.read_text().splitlines()
-    if len(lines) != 2 or lines[0] != _fingerprint(archive):
+    if len(lines) != 2 or lines[0] != fingerprint:
         return None
     target = marker.parent / lines[1]
     return target if target.is_dir() else None

@@ -75,9 +75,10 @@ def provenance(command: str | Sequence[str] | None = None, wall_time_s: float | 
     """Where, when and with what a record was made.
 
     ``command`` defaults to this process's command line; ``git_dirty`` says whether tracked
-    files outside ``results/`` differed from ``git_commit`` when the record was written. In a
-    copy of the tree without ``.git`` the commit is ``$OR_CORE_GIT_COMMIT`` (whoever copies the
-    tree vouches for it) or ``"unknown"``.
+    files outside ``results/`` differed from ``git_commit`` when the record was written.
+    ``$OR_CORE_GIT_COMMIT``, when set, names the commit instead of git: for a committed tree
+    copied to another machine, whose copy may lack ``.git`` or hold an older one (whoever sets
+    it vouches that the tree is that commit).
     """
     import lightly
 
@@ -87,9 +88,11 @@ def provenance(command: str | Sequence[str] | None = None, wall_time_s: float | 
         command = " ".join(str(c) for c in command)
     cuda = torch.cuda.is_available()
     return {
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("OR_CORE_GIT_COMMIT", "unknown"),
+        "git_commit": os.environ.get("OR_CORE_GIT_COMMIT") or _git("rev-parse", "HEAD") or "unknown",
         # changes to tracked files other than results/ (which the runs themselves rewrite)
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results")),
+        "git_dirty": False if os.environ.get("OR_CORE_GIT_COMMIT") else bool(
+            _git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results")
+        ),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores",
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu, {torch.get_num_threads()} threads",

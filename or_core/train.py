@@ -247,15 +247,19 @@ def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
 
 
 def git_commit() -> str:
-    """The commit of the or_core checkout. Outside a git checkout (a copy of the tree sent to
-    another machine, say) it is ``$OR_CORE_GIT_COMMIT`` if set, else ``"unknown"``."""
+    """The commit of the or_core checkout, or ``"unknown"`` outside a git checkout.
+
+    ``$OR_CORE_GIT_COMMIT``, when set, comes first: whoever copies a committed tree to another
+    machine (whose copy may have no ``.git``, or an older one) names its commit there."""
+    if os.environ.get("OR_CORE_GIT_COMMIT"):
+        return os.environ["OR_CORE_GIT_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
             text=True, timeout=10, check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("OR_CORE_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def device_name(device: torch.device) -> str:

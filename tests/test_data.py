@@ -67,6 +67,26 @@ def test_extract_archive_is_idempotent(shared_datasets_dir: Path, cifar10_dir: P
     assert (cifar10_dir.parent / "cifar10.tar.gz.extracted").is_file()
 
 
+def test_a_copy_of_an_extracted_archive_is_not_extracted_again(shared_datasets_dir: Path, cifar10_dir: Path, tmp_path: Path):
+    """Another path and mtime, same content: the tree in use is left alone (a re-extraction
+    once swapped it out under a running job)."""
+    copy = tmp_path / "cifar10.tar.gz"
+    shutil.copyfile(shared_datasets_dir / "cifar10.tar.gz", copy)
+    inode = (cifar10_dir / "test").stat().st_ino
+    assert extract_archive(copy, cifar10_dir.parent) == cifar10_dir
+    assert (cifar10_dir / "test").stat().st_ino == inode
+
+
+def test_a_changed_archive_replaces_the_tree(tmp_path: Path):
+    cache = tmp_path / "cache"
+    first = _write_tar(tmp_path / "toy.tar.gz", {"toy/a.txt": b"a"})
+    root = extract_archive(first, cache)
+    _write_tar(first, {"toy/a.txt": b"A", "toy/c.txt": b"c"})
+    assert extract_archive(first, cache) == root
+    assert (root / "a.txt").read_bytes() == b"A" and (root / "c.txt").is_file()
+    assert sorted(p.name for p in cache.iterdir()) == ["toy", "toy.tar.gz.extracted"]  # no leftovers
+
+
 def _write_tar(path: Path, members: dict[str, bytes]) -> Path:
     with tarfile.open(path, "w:gz") as tar:
         for name, payload in members.items():

@@ -207,7 +207,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @needs_cuda
 def test_a_cuda_step_in_float32_equals_the_cpu_step(data_root: Path) -> None:
     """BYOL + SO, one step from the same initial weights on the same real images with the same
-    augmentation stream: the CUDA update equals the CPU update to float32 rounding (TF32 off)."""
+    augmentation stream: the CUDA update equals the CPU update to float32 rounding (TF32 off).
+
+    The bound is 5e-3 relative: cuDNN's float32 convolutions (Winograd and FFT among those its
+    autotuner picks) round differently from oneDNN's; measured 1.8e-3 on an H200 (torch 2.11).
+    A wrong augmentation, EMA or OR gradient on CUDA gives an error of order 1."""
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -221,7 +225,7 @@ def test_a_cuda_step_in_float32_equals_the_cpu_step(data_root: Path) -> None:
                 [(p.detach().cpu() - before[k]).flatten() for k, p in run.method.backbone.named_parameters()]
             )
         relative = (updates["cuda"] - updates["cpu"]).norm() / updates["cpu"].norm()
-        assert updates["cpu"].norm() > 0 and relative < 1e-3, f"relative update difference {relative:.2e}"
+        assert updates["cpu"].norm() > 0 and relative < 5e-3, f"relative update difference {relative:.2e}"
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
