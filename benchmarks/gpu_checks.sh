@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one call of a short-lived GPU machine, most important first:
 #
-#   1. the CUDA tests (augmentation and a training step equal to the CPU's, bf16 runs, OR term);
-#   2. training throughput of BYOL, ResNet-18, CIFAR-10, batch 256 in the gpu profile
-#      (none / SO / SRIP), eager; the issue's target is at least 10k images/s on one H100;
-#   3. the batched augmentation against lightly's BYOLTransform (benchmarks/augment.py);
-#   4. the same throughput with torch.compile;
-#   5. the OR term's cost on CUDA (benchmarks/or_overhead.py);
-#   6. every method's throughput in the gpu profile;
-#   7. a short real run: BYOL + SO, gpu profile, CIFAR-10, ${REAL_RUN_EPOCHS:-15} epochs, evaluated.
+#   tests       the CUDA tests (augmentation and a training step equal to the CPU's, bf16 runs);
+#   throughput  BYOL, ResNet-18, CIFAR-10, batch 256, gpu profile: none / SO / SRIP, augmenting
+#               1 and 8 batches per call (the issue's target: at least 10k images/s on one H100);
+#   profile     where the step's time goes (benchmarks/step_profile.py): host time per phase,
+#               GPU kernel time and launches, at batch 256 and 1024;
+#   augment     the batched augmentation against lightly's BYOLTransform (benchmarks/augment.py);
+#   compile     the throughput with torch.compile;
+#   overhead    the OR term's cost on CUDA (benchmarks/or_overhead.py);
+#   methods     every method's throughput in the gpu profile;
+#   realrun     a short real run: BYOL + SO, gpu profile, CIFAR-10, $REAL_RUN_EPOCHS epochs.
 #
-# Each step has its own time limit and a failing step does not stop the next one. Everything is
-# written to OUT (session.log, one JSON per benchmark, the real run's directory as a tarball).
+# GPU_CHECKS="tests throughput" runs only those (default: all, in the order above). Each step has
+# its own time limit and a failing step does not stop the next one. Everything is written to
+# OUT: session.log, one JSON per benchmark, the real run's directory as a tarball.
 #
 #   usage: bash benchmarks/gpu_checks.sh OUT [DATASETS]   # DATASETS holds cifar10.tar.gz
 #
@@ -53,17 +56,24 @@ for split in ('train', 'test'):
     print(split, tuple(load_split('cifar10', split, tree.parent).images.shape))
 " || { tail -20 "$LOG"; exit 4; }
 
-step cuda-tests 180 $PY -m pytest -q -p no:cacheprovider -k cuda \
+want() { [[ " ${GPU_CHECKS:-tests throughput profile augment compile overhead methods realrun} " == *" $1 "* ]]; }
+
+want tests && step cuda-tests 180 $PY -m pytest -q -p no:cacheprovider -k cuda \
     tests/test_orthogonality.py tests/test_augment.py tests/test_train.py
-step throughput-byol 150 $PY benchmarks/train_throughput.py --profile gpu --methods byol \
-    --regularizers none so srip --steps 100 --warmup 20 --json "$OUT/throughput_byol.json"
-step augment 120 $PY benchmarks/augment.py --num-images 5120 --repeats 5 --workers 2 --json "$OUT/augment.json"
-step throughput-byol-compile 240 $PY benchmarks/train_throughput.py --profile gpu --methods byol \
-    --regularizers none so --steps 100 --warmup 20 --compile --json "$OUT/throughput_byol_compile.json"
-step or-overhead 120 $PY benchmarks/or_overhead.py --no-cpu --json "$OUT/or_overhead.json"
-step throughput-methods 240 $PY benchmarks/train_throughput.py --profile gpu --regularizers so \
-    --steps 30 --warmup 10 --json "$OUT/throughput_methods.json"
-step real-run "${REAL_RUN_LIMIT_S:-300}" $PY -m or_core pretrain --method byol --regularizer so --gamma 1e-6 \
-    --dataset cifar10 --profile gpu --epochs "${REAL_RUN_EPOCHS:-15}" --out /tmp/real_run --no-progress
-tar czf "$OUT/real_run.tar.gz" --exclude checkpoint.pt -C /tmp real_run 2>>"$LOG"
-grep -h "images/s\|img/s\|passed\|failed\|rc=" "$LOG" | tail -40
+want throughput && step throughput-byol 150 $PY benchmarks/train_throughput.py --profile gpu --methods byol \
+    --regularizers none so srip --augment-batches 1 8 --steps 100 --warmup 20 --json "$OUT/throughput_byol.json"
+want profile && step step-profile 150 $PY benchmarks/step_profile.py --profile gpu --method byol \
+    --regularizers none so --augment-batches 1 8 --batch-sizes 256 1024 --json "$OUT/step_profile.json"
+want augment && step augment 120 $PY benchmarks/augment.py --num-images 5120 --repeats 5 --workers 2 \
+    --json "$OUT/augment.json"
+want compile && step throughput-byol-compile 240 $PY benchmarks/train_throughput.py --profile gpu --methods byol \
+    --regularizers none so --augment-batches 8 --steps 100 --warmup 20 --compile --json "$OUT/throughput_byol_compile.json"
+want overhead && step or-overhead 120 $PY benchmarks/or_overhead.py --no-cpu --json "$OUT/or_overhead.json"
+want methods && step throughput-methods 240 $PY benchmarks/train_throughput.py --profile gpu --regularizers so \
+    --augment-batches 8 --steps 30 --warmup 10 --json "$OUT/throughput_methods.json"
+if want realrun; then
+    step real-run "${REAL_RUN_LIMIT_S:-300}" $PY -m or_core pretrain --method byol --regularizer so --gamma 1e-6 \
+        --dataset cifar10 --profile gpu --epochs "${REAL_RUN_EPOCHS:-15}" --out /tmp/real_run --no-progress
+    tar czf "$OUT/real_run.tar.gz" --exclude checkpoint.pt -C /tmp real_run 2>>"$LOG"
+fi
+grep -h "images/s\|img/s\|passed\|failed\|rc=\| b[0-9]* aug\|+none \|+so \|+srip " "$LOG" | tail -60

@@ -21,7 +21,7 @@ import torch
 
 from or_core.config import resolve_config
 from or_core.methods import available_methods
-from or_core.train import build_run, device_name, training_step
+from or_core.train import build_run, device_name, optimization_step, step_views
 
 
 def throughput(method: str, profile: str, regularizer: str, steps: int, warmup: int, overrides: dict) -> dict:
@@ -35,12 +35,17 @@ def throughput(method: str, profile: str, regularizer: str, steps: int, warmup: 
         if run.device.type == "cuda":
             torch.cuda.synchronize()
 
-    for i in range(warmup + steps):
+    def batches():
+        for i in range(warmup + steps):
+            begin = (i * batch) % (images.shape[0] - batch + 1)
+            yield images[begin : begin + batch]
+
+    # the clock starts after the warm-up steps (their chunk of augmented batches included)
+    for i, views in enumerate(step_views(run, batches(), generator)):
         if i == warmup:
             sync()
             start = time.perf_counter()
-        begin = (i * batch) % (images.shape[0] - batch + 1)
-        training_step(run, images[begin : begin + batch], 0.1, generator)
+        optimization_step(run, views, 0.1)
     sync()
     seconds = time.perf_counter() - start
     return {
@@ -49,6 +54,8 @@ def throughput(method: str, profile: str, regularizer: str, steps: int, warmup: 
         "profile": profile,
         "backbone": f"{cfg.backbone} x{cfg.width}",
         "batch_size": batch,
+        "augment_batches": cfg.augment_batches,
+        "compile": cfg.compile,
         "image_size": int(images.shape[-1]),
         "steps": steps,
         "images_per_s": steps * batch / seconds,
@@ -63,6 +70,8 @@ def main() -> None:
     parser.add_argument("--regularizers", nargs="+", default=["so"], help="one row per method and regularizer (default: so)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 cpu, 50 gpu)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 1 cpu, 10 gpu)")
+    parser.add_argument("--augment-batches", type=int, nargs="+", default=[None], help="batches augmented per call, one row each (default: the profile's)")
+    parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--json", default=None)
@@ -71,14 +80,19 @@ def main() -> None:
     gpu = profile == "gpu"
     steps = args.steps or (50 if gpu else 5)
     warmup = args.warmup or (10 if gpu else 1)
-    overrides = {"data_root": args.data_root, "compile": args.compile or None}
+    overrides = {"data_root": args.data_root, "compile": args.compile or None, "batch_size": args.batch_size}
     results = []
-    print(f"{'method':<16}{'backbone':<16}{'batch':>6}{'images/s':>12}  device")
+    print(f"{'method':<20}{'backbone':<16}{'batch':>6}{'aug.batches':>12}{'images/s':>12}  device")
     for method in args.methods or available_methods():
         for regularizer in args.regularizers:
-            r = throughput(method, profile, regularizer, steps, warmup, overrides)
-            results.append(r)
-            print(f"{method + '+' + regularizer:<16}{r['backbone']:<16}{r['batch_size']:>6}{r['images_per_s']:>12.1f}  {r['device']}", flush=True)
+            for chunk in args.augment_batches:
+                r = throughput(method, profile, regularizer, steps, warmup, {**overrides, "augment_batches": chunk})
+                results.append(r)
+                print(
+                    f"{method + '+' + regularizer:<20}{r['backbone']:<16}{r['batch_size']:>6}{r['augment_batches']:>12}"
+                    f"{r['images_per_s']:>12.1f}  {r['device']}",
+                    flush=True,
+                )
     payload = {"benchmark": "train_throughput", "compile": args.compile, "torch": torch.__version__, "results": results}
     if args.json:
         with open(args.json, "w") as f:

@@ -28,13 +28,14 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightly
 import torch
+from torch.profiler import record_function
 import yaml
 from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
@@ -53,7 +54,7 @@ from or_core.evaluate import extract_features, knn_accuracy, linear_probe_accura
 from or_core.methods import SSLMethod, build_method
 from or_core.orthogonality import regularized_weights, so_penalty
 
-__all__ = ["NonFiniteLossError", "RunConfigMismatchError", "Run", "build_run", "training_step", "evaluate_dir", "evaluate_run", "pretrain"]
+__all__ = ["NonFiniteLossError", "RunConfigMismatchError", "Run", "build_run", "step_views", "optimization_step", "training_step", "evaluate_dir", "evaluate_run", "pretrain"]
 
 CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE = (
     "config.yaml",
@@ -175,6 +176,8 @@ def build_run(cfg: PretrainConfig) -> Run:
     """
     device = distributed.local_device(select_device(cfg.device))
     distributed.check_batch_size(cfg.batch_size)
+    if cfg.augment_batches < 1:
+        raise ValueError(f"augment_batches is a number of batches, at least 1; got {cfg.augment_batches}")
     data_root = Path(os.path.expanduser(cfg.data_root))
     train, loader, train_size, image_size = _training_data(cfg, data_root)
     if train_size < cfg.batch_size:
@@ -318,30 +321,73 @@ def _first_bad(losses: list[torch.Tensor], start_step: int) -> tuple[int, float]
     return start_step + i, float(stacked[i])
 
 
-def training_step(run: Run, images: torch.Tensor, progress: float, augment_rng: torch.Generator) -> dict[str, torch.Tensor]:
-    """One optimization step on a uint8 batch: augment, loss (+ OR term), backward, update.
+def step_views(run: Run, batches: Iterable[torch.Tensor], augment_rng: torch.Generator) -> Iterator[list[torch.Tensor]]:
+    """The augmented views of each uint8 batch of ``batches``, in order.
 
-    ``images`` is the batch in one process; in a multi-process run it is this process's shard
-    (rows :func:`or_core.distributed.shard_rows`) of a global batch ``W`` times as large. Every
-    process draws the augmentation parameters of the whole global batch from ``augment_rng``
-    (the same stream on every process) and applies those of its own rows.
+    In a multi-process run each batch is this process's shard (rows
+    :func:`or_core.distributed.shard_rows`) of a global batch ``W`` times as large: every process
+    draws the augmentation parameters of the whole global batch from ``augment_rng`` (the same
+    stream on every process) and applies those of its own rows.
+
+    In one process with ``cfg.augment_batches = k > 1``, ``k`` consecutive batches are augmented
+    in one call and the views cut into per-batch slices: the same per-image transforms, drawn
+    in another order (so another, equally reproducible, random stream).
+    """
+    k = run.cfg.augment_batches
+    if k <= 1 or distributed.world_size() > 1:
+        for images in batches:
+            total = images.shape[0] * distributed.world_size()
+            with record_function("augment"):
+                views = run.augment(images, generator=augment_rng, rows=distributed.shard_rows(total), total=total)
+            yield views
+        return
+    chunk: list[torch.Tensor] = []
+
+    def flush() -> Iterator[list[torch.Tensor]]:
+        with record_function("augment"):
+            views = run.augment(torch.cat(chunk), generator=augment_rng)
+        start = 0
+        for images in chunk:
+            stop = start + images.shape[0]
+            yield [v[start:stop] for v in views]
+            start = stop
+
+    for images in batches:
+        chunk.append(images)
+        if len(chunk) == k:
+            yield from flush()
+            chunk = []
+    if chunk:
+        yield from flush()
+
+
+def training_step(run: Run, images: torch.Tensor, progress: float, augment_rng: torch.Generator) -> dict[str, torch.Tensor]:
+    """One optimization step on a uint8 batch: augment (:func:`step_views`), then
+    :func:`optimization_step`."""
+    return optimization_step(run, next(step_views(run, [images], augment_rng)), progress)
+
+
+def optimization_step(run: Run, views: list[torch.Tensor], progress: float) -> dict[str, torch.Tensor]:
+    """One optimization step on a batch's augmented views: loss (+ OR term), backward, update.
 
     Returns the method's loss terms, detached; nothing here waits for the device.
     """
     cfg, method = run.cfg, run.method
     amp = cfg.amp and run.device.type == "cuda"
-    total = images.shape[0] * distributed.world_size()
-    views = run.augment(images, generator=augment_rng, rows=distributed.shard_rows(total), total=total)
-    if amp and cfg.channels_last:
-        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = run.module(views, progress)  # method.training_loss, through DDP when wrapped
-    run.optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    method.on_after_backward(progress)
-    run.optimizer.step()
-    run.scheduler.step()
-    method.on_train_step_end(progress)
+    # (the labels name the phases in a torch.profiler trace: benchmarks/step_profile.py)
+    with record_function("forward"):
+        if amp and cfg.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = run.module(views, progress)  # method.training_loss, through DDP when wrapped
+    with record_function("backward"):
+        run.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+    with record_function("optimizer"):
+        method.on_after_backward(progress)
+        run.optimizer.step()
+        run.scheduler.step()
+        method.on_train_step_end(progress)
     return {k: v.detach().float() for k, v in out.items()}
 
 
@@ -369,8 +415,8 @@ def train_epoch(run: Run, epoch: int, step: int, augment_rng: torch.Generator, b
     sums = {"ssl_loss": torch.zeros((), device=run.device), "or_term": torch.zeros((), device=run.device)}
     pending: list[torch.Tensor] = []
     pending_start = step
-    for images in run.epoch_batches(epoch):
-        out = training_step(run, images, step / total_steps, augment_rng)
+    for views in step_views(run, run.epoch_batches(epoch), augment_rng):
+        out = optimization_step(run, views, step / total_steps)
         pending.append(out["loss"])
         if len(pending) >= check_every:
             _raise_non_finite(pending, pending_start, epoch)

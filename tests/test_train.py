@@ -18,7 +18,7 @@ import yaml
 
 from or_core.config import PretrainConfig, resolve_config
 from or_core.methods import available_methods
-from or_core.train import NonFiniteLossError, RunConfigMismatchError, build_run, pretrain, training_step
+from or_core.train import NonFiniteLossError, RunConfigMismatchError, build_run, pretrain, step_views, training_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,6 +98,29 @@ def test_resume_after_sigkill_is_bit_identical(data_root: Path, tmp_path: Path) 
         assert torch.equal(a[key], b[key]), key
     lines = (killed / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3]
+
+
+def test_augmenting_several_batches_at_once_covers_every_batch_and_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
+    """``augment_batches=3`` over 8 batches: chunks of 3, 3 and 2, each one call of the
+    augmentation cut into its batches; a run stopped after an epoch and resumed ends with the
+    weights of an uninterrupted one."""
+    cfg = tiny(data_root, regularizer="so", gamma=1e-4, augment_batches=3, batch_size=64, subset=512)
+    run = build_run(cfg)
+    batches = list(run.epoch_batches(0))
+    views = list(step_views(run, batches, torch.Generator().manual_seed(1)))
+    assert len(batches) == len(views) == 8
+    reference = torch.Generator().manual_seed(1)
+    for first, size in ((0, 3), (3, 3), (6, 2)):
+        whole = run.augment(torch.cat(batches[first : first + size]), generator=reference)
+        for j in range(size):
+            assert all(torch.equal(v, w[64 * j : 64 * (j + 1)]) for v, w in zip(views[first + j], whole))
+    pretrain(cfg, tmp_path / "straight", progress=False)
+    pretrain(cfg, tmp_path / "resumed", progress=False, stop_after_epochs=1)
+    pretrain(cfg, tmp_path / "resumed", progress=False)
+    straight, resumed = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    with pytest.raises(ValueError, match="augment_batches"):
+        build_run(tiny(data_root, augment_batches=0))
 
 
 @pytest.mark.parametrize("method", available_methods())
