@@ -56,7 +56,8 @@ class PretrainConfig:
     #: Training batches augmented in one call (one process only). Each call of the batched
     #: augmentation issues ~1,300 small tensor ops whatever the batch size; on a GPU, where
     #: the step waits on the host's op launches, augmenting several batches at once divides
-    #: that cost. Changes the random stream (deterministic and resumable all the same).
+    #: that cost (BYOL + SO, batch 256, H200: 5.6k -> 8.2k images/s at 8). Changes the random
+    #: stream (deterministic and resumable all the same); ignored in a multi-process run.
     augment_batches: int = 1
     knn_k: int = 200
     knn_t: float = 0.1
@@ -120,6 +121,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "epochs": 200,
         "batch_size": 256,
         "linear_epochs": 100,
+        "augment_batches": 8,
     },
 }
 

@@ -306,10 +306,16 @@ def test_regularizer_does_not_own_the_encoder_parameters() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["so", "srip"])
 def test_cuda_matches_cpu(kind: str) -> None:
+    """Same weights and (for SRIP) the same starting power-iteration vectors: the CUDA value, under
+    bf16 autocast, equals the CPU one. (With vectors drawn apart, 50 iterations on a ResNet-18's
+    Grams, whose top eigenvalues lie close, once differed by 0.36% on an H200.)"""
     net = _conv_resnet18()
-    cpu = OrthogonalityRegularizer(net, kind, gamma=1.0, n_power_iterations=50)().item()
+    cpu_reg = OrthogonalityRegularizer(net, kind, gamma=1.0, n_power_iterations=50)
+    start = {k: v.clone() for k, v in cpu_reg.state_dict().items()}
+    cpu = cpu_reg().item()
     net = net.cuda()
     reg = OrthogonalityRegularizer(net, kind, gamma=1.0, n_power_iterations=50).cuda()
+    reg.load_state_dict(start)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         value = reg()
     assert value.dtype == torch.float32
