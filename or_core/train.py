@@ -37,7 +37,6 @@ import lightly
 import torch
 from torch.profiler import record_function
 import yaml
-from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
 from torch import nn
 from torch.utils.data import DataLoader
@@ -51,6 +50,7 @@ from or_core.config import PretrainConfig
 from or_core.data import ImageTensors, batches, load_holdout, load_split, load_split_at_most, resolve_dataset, streaming_loader
 from or_core.diagnostics import effective_rank, rankme, std_of_l2_normalized
 from or_core.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+from or_core.lars import LARS
 from or_core.methods import SSLMethod, build_method
 from or_core.orthogonality import regularized_weights, so_penalty
 

@@ -267,3 +267,18 @@ def test_a_cuda_run_with_bf16_and_channels_last_trains_evaluates_and_resumes(met
     assert summary["device"] == torch.cuda.get_device_name() and 0.0 <= summary["knn_top1"] <= 1.0
     state = torch.load(tmp_path / "first" / "checkpoint.pt", weights_only=False, map_location="cpu")
     assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
+
+
+@needs_cuda
+def test_a_cuda_training_step_never_waits_for_the_gpu(data_root: Path) -> None:
+    """BYOL + SO with LARS: augmentation, loss, backward and update queue their work without a
+    single host-device synchronization, so the host can run ahead of the GPU."""
+    run = build_run(tiny(data_root, regularizer="so", gamma=1e-4, device="cuda"))
+    generator = torch.Generator().manual_seed(0)
+    training_step(run, run.train.images[:64], 0.0, generator)  # momentum buffers, cuDNN autotuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        training_step(run, run.train.images[64:128], 0.1, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
