@@ -30,6 +30,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from or_core.config import resolve_config
+from or_core.records import provenance
 from or_core.train import build_run, device_name, optimization_step, step_views
 
 PHASES = ("augment", "forward", "backward", "optimizer")
@@ -128,7 +129,10 @@ def main() -> None:
             + kernel,
             flush=True,
         )
-    payload = {"benchmark": "step_profile", "profile": profile_name, "torch": torch.__version__, "rows": rows}
+    payload = {
+        "benchmark": "step_profile", "profile": profile_name, "torch": torch.__version__,
+        "provenance": provenance(), "rows": rows,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)

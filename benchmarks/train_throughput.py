@@ -20,6 +20,7 @@ import time
 import torch
 
 from or_core.config import resolve_config
+from or_core.records import provenance
 from or_core.methods import available_methods
 from or_core.train import build_run, device_name, optimization_step, step_views
 
@@ -93,7 +94,10 @@ def main() -> None:
                     f"{r['images_per_s']:>12.1f}  {r['device']}",
                     flush=True,
                 )
-    payload = {"benchmark": "train_throughput", "compile": args.compile, "torch": torch.__version__, "results": results}
+    payload = {
+        "benchmark": "train_throughput", "compile": args.compile, "torch": torch.__version__,
+        "provenance": provenance(), "results": results,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
