@@ -35,10 +35,10 @@ from typing import Any
 
 import lightly
 import torch
-from torch.profiler import record_function
 import yaml
 from lightly.utils.scheduler import CosineWarmupScheduler
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
