@@ -253,30 +253,31 @@ def regularized_weights(
 class _SoftOrthogonality(torch.autograd.Function):
     """``sum_l ||M_l M_l^T - I||_F^2`` over wide matrices ``M_l`` (float32 or float64 views).
 
-    Forward: one Gram per matrix. Backward: the closed form ``dSO/dM = 4 G M``, one product per
-    matrix, instead of autograd through the Gram, which costs two (measured on a CPU ResNet-18:
-    0.79 s against 1.24 s for forward and backward). Stacking equally shaped matrices for batched
-    products was slower on the CPU (0.94 s): the stack copies every weight.
+    Forward: one Gram per matrix, then the squared Frobenius norms of all ``G_l`` in one foreach
+    reduction. Backward: the closed form ``dSO/dM = 4 G M``, one product per matrix, scaled by one
+    foreach op, instead of autograd through the Gram, which costs two (measured on a CPU
+    ResNet-18: 0.79 s against 1.24 s for forward and backward). Stacking equally shaped matrices
+    for batched products was slower on the CPU (0.94 s): the stack copies every weight. The
+    foreach ops keep the host's op count low on a GPU, where a step is bound by its launches.
     """
 
     @staticmethod
     def forward(ctx, *mats: Tensor) -> Tensor:  # type: ignore[override]
         grams = []
-        total = mats[0].new_zeros(())
         for m in mats:
             g = m @ m.t()
             g.diagonal().sub_(1.0)
-            total = total + g.pow(2).sum()
             grams.append(g)
         ctx.save_for_backward(*mats, *grams)
-        return total
+        return torch.stack(torch._foreach_norm(grams)).square().sum()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         saved = ctx.saved_tensors
         mats, grams = saved[: len(saved) // 2], saved[len(saved) // 2 :]
-        scale = 4.0 * grad_output
-        return tuple((g @ m) * scale for m, g in zip(mats, grams))
+        products = [g @ m for m, g in zip(mats, grams)]
+        torch._foreach_mul_(products, 4.0 * grad_output)
+        return tuple(products)
 
 
 class OrthogonalityRegularizer(nn.Module):
@@ -347,7 +348,9 @@ class OrthogonalityRegularizer(nn.Module):
         """Each weight's matrix view in the compute dtype, transposed (a view) if tall."""
         views = []
         for w in self._weights:
-            m = w.reshape(w.shape[0], -1).to(_compute_dtype(w))
+            m = w.reshape(w.shape[0], -1)
+            dtype = _compute_dtype(w)
+            m = m if m.dtype == dtype else m.to(dtype)  # (no op dispatched when it is already)
             views.append(m.t() if m.shape[0] > m.shape[1] else m)
         return views
 
