@@ -44,6 +44,7 @@ from or_core.orthogonality import regularized_weights, so_penalty
 __all__ = [
     "SCALES",
     "scale_of",
+    "git_commit",
     "provenance",
     "stage_names",
     "collapse_spectra",
@@ -71,14 +72,21 @@ def _git(*args: str) -> str:
         return ""
 
 
+def git_commit() -> str:
+    """The commit of the or_core checkout, or ``"unknown"`` outside a git checkout.
+
+    ``$OR_CORE_GIT_COMMIT``, when set, comes first: whoever copies a committed tree to another
+    machine (whose copy may have no ``.git``, or an older one) names its commit there and
+    vouches that the tree is that commit."""
+    return os.environ.get("OR_CORE_GIT_COMMIT") or _git("rev-parse", "HEAD") or "unknown"
+
+
 def provenance(command: str | Sequence[str] | None = None, wall_time_s: float | None = None) -> dict[str, Any]:
     """Where, when and with what a record was made.
 
     ``command`` defaults to this process's command line; ``git_dirty`` says whether tracked
-    files outside ``results/`` differed from ``git_commit`` when the record was written.
-    ``$OR_CORE_GIT_COMMIT``, when set, names the commit instead of git: for a committed tree
-    copied to another machine, whose copy may lack ``.git`` or hold an older one (whoever sets
-    it vouches that the tree is that commit).
+    files outside ``results/`` differed from ``git_commit`` when the record was written (never,
+    when ``$OR_CORE_GIT_COMMIT`` names the commit: see :func:`git_commit`).
     """
     import lightly
 
@@ -88,7 +96,7 @@ def provenance(command: str | Sequence[str] | None = None, wall_time_s: float | 
         command = " ".join(str(c) for c in command)
     cuda = torch.cuda.is_available()
     return {
-        "git_commit": os.environ.get("OR_CORE_GIT_COMMIT") or _git("rev-parse", "HEAD") or "unknown",
+        "git_commit": git_commit(),
         # changes to tracked files other than results/ (which the runs themselves rewrite)
         "git_dirty": False if os.environ.get("OR_CORE_GIT_COMMIT") else bool(
             _git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results")

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from or_core.evaluate import extract_features, knn_accuracy, linear_probe_accura
 from or_core.lars import LARS
 from or_core.methods import SSLMethod, build_method
 from or_core.orthogonality import regularized_weights, so_penalty
+from or_core.records import git_commit
 
 __all__ = ["NonFiniteLossError", "RunConfigMismatchError", "Run", "build_run", "step_views", "optimization_step", "training_step", "evaluate_dir", "evaluate_run", "pretrain"]
 
@@ -247,22 +247,6 @@ def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     tmp = out / f".{METRICS_FILE}.tmp"
     tmp.write_text("".join(json.dumps(line) + "\n" for line in history))
     os.replace(tmp, out / METRICS_FILE)
-
-
-def git_commit() -> str:
-    """The commit of the or_core checkout, or ``"unknown"`` outside a git checkout.
-
-    ``$OR_CORE_GIT_COMMIT``, when set, comes first: whoever copies a committed tree to another
-    machine (whose copy may have no ``.git``, or an older one) names its commit there."""
-    if os.environ.get("OR_CORE_GIT_COMMIT"):
-        return os.environ["OR_CORE_GIT_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-            text=True, timeout=10, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def device_name(device: torch.device) -> str:
