@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from or_core.config import PROFILES, PretrainConfig, resolve_config
+from or_core.config import PROFILE_METHOD_SETTINGS, PROFILES, PretrainConfig, resolve_config
 from or_core.methods import REGULARIZERS, available_methods
 
 DATASETS = "cifar10, cifar100, or a path to an ImageFolder root with train/ and val/ (or test/)"
@@ -27,7 +27,13 @@ def _parser() -> argparse.ArgumentParser:
             f"methods: {', '.join(available_methods())}\n"
             f"regularizers: {', '.join(REGULARIZERS)}\n"
             f"data sets: {DATASETS}\n"
-            f"profiles: " + "; ".join(f"{k}: {v}" for k, v in PROFILES.items())
+            f"profiles: " + "; ".join(f"{k}: {v}" for k, v in PROFILES.items()) + "\n"
+            "per-method profile settings: "
+            + "; ".join(
+                f"{profile} {method}: {settings}"
+                for profile, methods in PROFILE_METHOD_SETTINGS.items()
+                for method, settings in methods.items()
+            )
         ),
     )
     p.add_argument("--method", choices=available_methods(), default=None)

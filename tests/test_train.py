@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from or_core.config import PretrainConfig, resolve_config
+from or_core.config import PROFILE_METHOD_SETTINGS, PROFILES, PretrainConfig, resolve_config
 from or_core.methods import available_methods
 from or_core.train import NonFiniteLossError, RunConfigMismatchError, build_run, pretrain, step_views, training_step
 
@@ -202,6 +202,29 @@ def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path: Path) -> None:
     path.write_text("lr: fast\n")
     with pytest.raises(ValueError, match="'lr' must be a number, got 'fast'"):
         resolve_config("cpu", path)
+
+
+def test_profile_method_settings_sit_between_the_profile_and_the_user(tmp_path: Path) -> None:
+    """The cpu profile's DINO and SwaV settings apply to those methods only, over the profile's
+    own values, and a YAML file or a flag still overrides them."""
+    dino = resolve_config("cpu", overrides={"method": "dino"})
+    expected = PROFILE_METHOD_SETTINGS["cpu"]["dino"]
+    assert dino.lr == expected["lr"] != PROFILES["cpu"]["lr"]
+    assert dino.method_kwargs == {**PROFILES["cpu"]["method_kwargs"], **expected["method_kwargs"]}
+    assert dino.width == PROFILES["cpu"]["width"]
+    swav = resolve_config("cpu", overrides={"method": "swav"})
+    assert swav.lr == PROFILES["cpu"]["lr"] and swav.method_kwargs["num_local_views"] == 0
+    byol = resolve_config("cpu", overrides={"method": "byol"})
+    assert byol.method_kwargs == PROFILES["cpu"]["method_kwargs"]
+    assert resolve_config("gpu", overrides={"method": "dino"}).method_kwargs == {}
+    path = tmp_path / "c.yaml"
+    path.write_text("method: dino\nlr: 0.3\nmethod_kwargs: {num_local_views: 2}\n")
+    from_file = resolve_config("cpu", path)
+    assert from_file.lr == 0.3 and from_file.method_kwargs["num_local_views"] == 2
+    assert from_file.method_kwargs["num_prototypes"] == expected["method_kwargs"]["num_prototypes"]
+    flag = resolve_config("cpu", path, overrides={"lr": 0.01, "method": "swav"})
+    assert flag.lr == 0.01 and flag.method_kwargs["sinkhorn_epsilon"] == 0.02
+    assert "num_prototypes" in flag.method_kwargs and flag.method_kwargs["num_local_views"] == 2
 
 
 def test_streaming_run_trains_and_resumes_exactly(small_image_folder: Callable[..., Path], tmp_path: Path) -> None:
