@@ -68,12 +68,17 @@ def test_every_record_is_a_matrix_run_with_its_scale_and_provenance() -> None:
             assert 0.0 <= summary[metric] <= 1.0, (name, metric)
 
 
+METHODS_RESULTS = REPO / "results" / "methods_cpu"
+
+
 def test_every_cpu_profile_run_on_cifar10_learns() -> None:
-    """Each recorded CIFAR-10 encoder beats the kNN top-1 of the same backbone untrained, on the
+    """Each recorded CIFAR-10 encoder, of the matrix and of every method's cpu-profile run
+    (``configs/methods_cpu.yaml``), beats the kNN top-1 of the same backbone untrained, on the
     same evaluation, by more than 5 points (the untrained number is a measured record)."""
     pilots = json.loads((REPO / "results" / "cpu_profile" / "pilots_2026-11-25b.json").read_text())
     untrained = next(r for r in pilots["runs"] if r["label"] == "P1_w125_s32")["untrained_same_backbone"]["knn_top1"]
-    cifar10 = [r for r in RECORDS if Path(r["config"]["dataset"]).name == "cifar10"]
+    methods = load_records(METHODS_RESULTS) if METHODS_RESULTS.is_dir() else []
+    cifar10 = [r for r in RECORDS + methods if Path(r["config"]["dataset"]).name == "cifar10"]
     if not cifar10:
         pytest.skip(f"no CIFAR-10 records in {RESULTS} yet")
     weak = [(r["name"], r["summary"]["knn_top1"]) for r in cifar10 if r["summary"]["knn_top1"] < untrained + 0.05]
@@ -129,3 +134,20 @@ def test_feature_whitening_raises_the_effective_rank_of_the_representation() -> 
         pytest.skip("no recorded pair of BYOL and BYOL + whitening of the same run yet")
     ranks = [(b["name"], b["summary"]["effective_rank"], a["summary"]["effective_rank"]) for a, b in pairs]
     assert all(white > plain for _, white, plain in ranks), f"(run, its effective rank, BYOL's): {ranks}"
+
+
+def test_readme_quotes_each_methods_cpu_profile_knn_from_its_record() -> None:
+    """The README's per-method cpu-profile kNN top-1 figures are those of the records."""
+    names = {"SimCLR": "simclr", "NNCLR": "nnclr", "VICReg": "vicreg", "BYOL + whitening": "byol_whitening",
+             "DINO": "dino", "MoCo v2": "mocov2", "SwaV": "swav", "SimSiam": "simsiam",
+             "Barlow Twins": "barlowtwins", "BYOL": "byol"}
+    records = RECORDS + (load_records(METHODS_RESULTS) if METHODS_RESULTS.is_dir() else [])
+    knn = {r["config"]["method"]: r["summary"]["knn_top1"] for r in records
+           if r["config"]["regularizer"] == "none" and Path(r["config"]["dataset"]).name == "cifar10"
+           and r["config"]["seed"] == 0}
+    text = " ".join((REPO / "README.md").read_text().split())
+    quoted = dict(re.findall(r"(SimCLR|NNCLR|VICReg|BYOL \+ whitening|DINO|MoCo v2|SwaV|SimSiam|Barlow Twins|BYOL) "
+                             r"(0\.\d{3})[,.]", text.split("Every method learns in the cpu profile", 1)[1][:600]))
+    assert set(quoted) == set(names), quoted
+    for label, value in quoted.items():
+        assert float(value) == pytest.approx(knn[names[label]], abs=5.1e-4)  # 2,000 test images: halves round either way, label

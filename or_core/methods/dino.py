@@ -45,6 +45,9 @@ class DINO(SSLMethod):
     the DINO paper's AdamW recipe (lr 5e-4 at batch 256, weight decay 0.04 -> 0.4, 10 warmup
     epochs) and the paper's head has 65536 prototypes, tau 0.996 -> 1.
 
+    The cpu profile (800 steps of a width-0.125 ResNet-18) replaces several of these defaults
+    (:data:`or_core.config.PROFILE_METHOD_SETTINGS`): with them the loss never left ``ln K``.
+
     Args:
         backbone, feature_dim, regularizer, gamma: see :class:`SSLMethod`.
         proj_hidden_dim: head hidden size.

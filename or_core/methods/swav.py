@@ -45,6 +45,10 @@ class SwaV(SSLMethod):
     lightly's ``SwaVTransform`` (2 x 224 + 6 x 96 in the SwaV paper; solo-learn's CIFAR config
     uses 0).
 
+    The cpu profile (800 steps of a width-0.125 ResNet-18) replaces several of these defaults
+    (:data:`or_core.config.PROFILE_METHOD_SETTINGS`): with them every projection collapsed to
+    one point and the loss to ``ln K``.
+
     Args:
         backbone, feature_dim, regularizer, gamma: see :class:`SSLMethod`.
         proj_hidden_dim, proj_output_dim: projector sizes.
