@@ -1,12 +1,16 @@
 """Where a training step's time goes: wall time, host time per phase, GPU kernel time, launches.
 
-A step is ``augment`` (:func:`or_core.train.step_views`), then ``forward`` (loss and OR term),
-``backward`` and ``optimizer`` (update, schedule, EMA), the labels
+A step is ``augment`` (:func:`or_core.train.step_views`), then ``forward`` (EMA update, loss and OR term),
+``backward`` and ``optimizer`` (update, schedule), the labels
 :func:`or_core.train.optimization_step` gives its phases. For each configuration this prints
 
 * ``wall ms``: the step's wall time, from ``steps`` unprofiled steps after a warm-up;
 * the host (CPU) time of each phase, from a torch.profiler trace of ``profiled`` more steps;
-* ``kernel ms``: the summed time of the GPU kernels per step, and ``launches`` per step.
+* ``kernel ms``: the summed time of the GPU kernels per step, and ``launches`` per step;
+* ``host ops``: top-level ATen operators the host dispatches per step in each phase (an op
+  called by another op is not counted again), on any device: each costs the host a few
+  microseconds and on CUDA launches one or more kernels, so on the CPU it measures the
+  launch-bound part of a GPU step (autocast, on CUDA only, adds its casts).
 
 On CUDA, ``kernel ms`` well under ``wall ms`` means the GPU idles while the host issues ops:
 the step is bound by launches, not by arithmetic, and a larger batch raises images/s nearly in
@@ -44,6 +48,24 @@ def _device_us(event) -> float:
     return 0.0
 
 
+def count_host_ops(events, steps: int) -> dict[str, float]:
+    """Top-level ``aten::`` ops per step in each phase: ops whose parent is not an ATen op,
+    assigned to the phase whose time range holds their start (backward ops run on the autograd
+    engine's threads, outside the phase's call stack)."""
+    ranges = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.name in PHASES]
+    counts = {p: 0 for p in PHASES}
+    for e in events:
+        parent = e.cpu_parent
+        if not e.name.startswith("aten::") or (parent is not None and parent.name.startswith("aten::")):
+            continue
+        start = e.time_range.start
+        for begin, end, phase in ranges:
+            if begin <= start <= end:
+                counts[phase] += 1
+                break
+    return {p: n / steps for p, n in counts.items()}
+
+
 def measure(overrides: dict, profile_name: str, steps: int, profiled: int, warmup: int) -> dict:
     cfg = resolve_config(profile_name, overrides=overrides)
     run = build_run(cfg)
@@ -74,6 +96,7 @@ def measure(overrides: dict, profile_name: str, steps: int, profiled: int, warmu
         for views in step_views(run, batches(profiled), generator):
             optimization_step(run, views, 0.1)
         sync()
+    host_ops = count_host_ops(prof.events(), profiled)
     averages = prof.key_averages()
     host_ms = {p: 0.0 for p in PHASES}
     kernel_us, launches = 0.0, 0
@@ -88,9 +111,11 @@ def measure(overrides: dict, profile_name: str, steps: int, profiled: int, warmu
         "regularizer": cfg.regularizer,
         "batch_size": batch,
         "augment_batches": cfg.augment_batches,
+        "optimizer": type(run.optimizer).__name__,
         "wall_ms_per_step": wall_ms,
         "images_per_s": batch * 1e3 / wall_ms,
         "host_ms_per_step": host_ms,
+        "host_ops_per_step": host_ops,
         "kernel_ms_per_step": kernel_us / 1e3 / profiled if cuda else None,
         "kernel_launches_per_step": launches / profiled if cuda else None,
         "device": device_name(run.device),
@@ -104,6 +129,7 @@ def main() -> None:
     parser.add_argument("--regularizers", nargs="+", default=["none", "so"])
     parser.add_argument("--augment-batches", type=int, nargs="+", default=[1])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[None], help="default: the profile's")
+    parser.add_argument("--optimizer", default=None, help="default: the profile's (cpu: sgd; gpu: the method's)")
     parser.add_argument("--steps", type=int, default=30, help="timed, unprofiled steps")
     parser.add_argument("--profiled", type=int, default=8, help="profiled steps")
     parser.add_argument("--warmup", type=int, default=10)
@@ -113,11 +139,11 @@ def main() -> None:
     profile_name = args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
     rows = []
     header = f"{'config':<30}{'wall ms':>9}{'img/s':>9}" + "".join(f"{p:>10}" for p in PHASES)
-    print(header + f"{'kernel ms':>11}{'launches':>10}")
+    print(header + f"{'kernel ms':>11}{'launches':>10}{'host ops':>10}")
     for regularizer, chunk, batch in itertools.product(args.regularizers, args.augment_batches, args.batch_sizes):
         overrides = {
             "method": args.method, "regularizer": regularizer, "augment_batches": chunk,
-            "batch_size": batch, "data_root": args.data_root,
+            "batch_size": batch, "data_root": args.data_root, "optimizer": args.optimizer,
         }
         r = measure(overrides, profile_name, args.steps, args.profiled, args.warmup)
         rows.append(r)
@@ -126,7 +152,13 @@ def main() -> None:
         print(
             f"{name:<30}{r['wall_ms_per_step']:>9.1f}{r['images_per_s']:>9.0f}"
             + "".join(f"{r['host_ms_per_step'][p]:>10.1f}" for p in PHASES)
-            + kernel,
+            + (kernel or " " * 21)
+            + f"{sum(r['host_ops_per_step'].values()):>10.0f}",
+            flush=True,
+        )
+        print(
+            f"{'':<30}host ops per phase: "
+            + ", ".join(f"{p} {n:.0f}" for p, n in r["host_ops_per_step"].items()),
             flush=True,
         )
     payload = {
