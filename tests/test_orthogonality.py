@@ -155,6 +155,22 @@ def test_fast_so_passes_gradcheck() -> None:
     assert torch.autograd.gradcheck(so_penalty, (conv,))
 
 
+def test_fast_srip_passes_gradcheck() -> None:
+    """The closed-form SRIP gradient ``u w^T + v (M^T u)^T`` equals finite differences of
+    ``sum_l ||(M_l M_l^T - I) v_l||`` (fixed ``v_l``), a square matrix included."""
+    import torch.nn.functional as F
+
+    from or_core.orthogonality import _SpectralRestrictedIsometry
+
+    g = torch.Generator().manual_seed(3)
+    mats = (
+        torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.randn(4, 4, generator=g, dtype=torch.float64, requires_grad=True),
+    )
+    vectors = [F.normalize(torch.randn(m.shape[0], generator=g, dtype=torch.float64), dim=0) for m in mats]
+    assert torch.autograd.gradcheck(lambda *m: _SpectralRestrictedIsometry.apply(2, *m, *vectors), mats)
+
+
 def test_srip_persistent_vectors_converge_to_the_spectral_norm() -> None:
     """One power iteration per call, vectors kept: a random ResNet-18's near-degenerate top
     eigenvalues make this the slow case (measured: 4% off after 100 calls, 0.8% after 200)."""
@@ -320,3 +336,19 @@ def test_cuda_matches_cpu(kind: str) -> None:
         value = reg()
     assert value.dtype == torch.float32
     assert value.item() == pytest.approx(cpu, rel=1e-3)
+
+
+def test_srip_keeps_its_vector_where_g_v_vanishes() -> None:
+    """An exactly orthogonal weight has ``G v = 0``: its vector stays as it was (no 0/0), while
+    another layer's vector moves, and the penalty of the orthogonal layer is 0."""
+    eye, other = nn.Linear(4, 4, bias=False), nn.Linear(4, 6, bias=False)
+    with torch.no_grad():
+        eye.weight.copy_(torch.eye(4))
+    reg = OrthogonalityRegularizer(nn.Sequential(eye, other), "srip", gamma=1.0, n_power_iterations=3)
+    before = {k: v.clone() for k, v in reg.state_dict().items()}
+    value = reg()
+    after = reg.state_dict()
+    assert torch.equal(after["srip_v__0__weight"], before["srip_v__0__weight"])
+    assert not torch.equal(after["srip_v__1__weight"], before["srip_v__1__weight"])
+    assert torch.isfinite(after["srip_v__1__weight"]).all()
+    assert value.item() == pytest.approx(reg.per_layer()["1.weight"].item(), rel=1e-6)
