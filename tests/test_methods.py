@@ -509,3 +509,49 @@ def test_a_deep_copy_regularizes_its_own_backbone():
             w.mul_(2.0)
     assert clone.or_term().item() > 2 * before
     assert method.or_term().item() == before
+
+
+def test_memory_bank_without_host_sync_writes_what_lightlys_writes() -> None:
+    """The enqueue that keeps the write pointer on the host fills the bank and moves the pointer
+    exactly as lightly's (wrap-around included), and reads the pointer again after a
+    ``load_state_dict`` or a ``.to``."""
+    from lightly.models.modules.memory_bank import MemoryBankModule
+
+    from or_core.methods.base import persistent_memory_bank
+
+    torch.manual_seed(0)
+    ours = persistent_memory_bank(MemoryBankModule(size=(10, 3), feature_dim_first=False))
+    reference = MemoryBankModule(size=(10, 3), feature_dim_first=False)
+    reference.bank.copy_(ours.bank)
+    g = torch.Generator().manual_seed(1)
+    states = []
+    for n in [4, 4, 4, 3, 5, 2]:
+        batch = torch.randn(n, 3, generator=g)
+        out_ours, bank_ours = ours(batch, update=True)
+        out_ref, bank_ref = reference(batch, update=True)
+        assert torch.equal(bank_ours, bank_ref)  # content from before this push
+        assert torch.equal(ours.bank, reference.bank) and torch.equal(ours.bank_ptr, reference.bank_ptr)
+        states.append({k: v.clone() for k, v in ours.state_dict().items()})
+    ours.load_state_dict(states[0])  # the pointer the host mirrored (now 4) is stale
+    reference.bank_ptr.copy_(states[0]["bank_ptr"])
+    reference.bank.copy_(states[0]["bank"])
+    batch = torch.randn(3, 3, generator=g)
+    ours(batch, update=True), reference(batch, update=True)
+    assert torch.equal(ours.bank, reference.bank) and int(ours.bank_ptr) == int(reference.bank_ptr) == 7
+    ours.bank_ptr = torch.tensor([2])  # a new tensor: read again
+    ours(batch[:2], update=True)
+    assert int(ours.bank_ptr) == 4
+
+
+def test_counters_are_mirrored_on_the_host_and_read_again_when_changed_elsewhere() -> None:
+    from or_core.methods.base import read_counter, write_counter
+
+    module = nn.Module()
+    module.register_buffer("count", torch.zeros((), dtype=torch.long))
+    assert read_counter(module, "count") == 0
+    write_counter(module, "count", 7)
+    assert int(module.count) == read_counter(module, "count") == 7
+    module.count += 2  # changed in place by other code: the mirror is not trusted
+    assert read_counter(module, "count") == 9
+    module.load_state_dict({"count": torch.tensor(3)})
+    assert read_counter(module, "count") == 3

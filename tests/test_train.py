@@ -293,15 +293,29 @@ def test_a_cuda_run_with_bf16_and_channels_last_trains_evaluates_and_resumes(met
 
 
 @needs_cuda
-def test_a_cuda_training_step_never_waits_for_the_gpu(data_root: Path) -> None:
-    """BYOL + SO with LARS: augmentation, loss, backward and update queue their work without a
-    single host-device synchronization, so the host can run ahead of the GPU."""
-    run = build_run(tiny(data_root, regularizer="so", gamma=1e-4, device="cuda"))
+@pytest.mark.parametrize(
+    ("method", "regularizer", "kwargs"),
+    [
+        ("byol", "so", {}),
+        ("byol", "srip", {}),
+        ("mocov2", "none", {"queue_size": 256}),
+        ("nnclr", "none", {"queue_size": 256}),
+        ("swav", "so", {"queue_length": 128, "queue_start_progress": 0.0, "num_local_views": 2}),
+    ],
+)
+def test_a_cuda_training_step_never_waits_for_the_gpu(data_root: Path, method: str, regularizer: str, kwargs: dict) -> None:
+    """A step with LARS (BYOL + SO or SRIP, and the methods with memory banks and queues):
+    augmentation, loss, backward and update queue their work without a single host-device
+    synchronization, so the host can run ahead of the GPU."""
+    cfg = tiny(data_root, method=method, regularizer=regularizer, device="cuda", optimizer="lars",
+               method_kwargs={"proj_hidden_dim": 64, "proj_output_dim": 32, **kwargs})
+    run = build_run(cfg)
     generator = torch.Generator().manual_seed(0)
-    training_step(run, run.train.images[:64], 0.0, generator)  # momentum buffers, cuDNN autotuning
+    for begin in (0, 64, 128):  # momentum buffers, cuDNN autotuning, queue pointers read once
+        training_step(run, run.train.images[begin : begin + 64], 0.1, generator)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        training_step(run, run.train.images[64:128], 0.1, generator)
+        training_step(run, run.train.images[192:256], 0.1, generator)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -18,7 +18,9 @@ from or_core.methods.base import (
     OptimizerDefaults,
     SSLMethod,
     persistent_memory_bank,
+    read_counter,
     same_size_groups,
+    write_counter,
 )
 
 
@@ -149,9 +151,10 @@ class SwaV(SSLMethod):
         queued = [
             queue(z.detach(), update=True)[1] for queue, z in zip(self.queues, global_projections)
         ]
-        full = int(self.queued) >= self.queue_length
-        pushed = global_projections[0].shape[0]
-        self.queued += pushed * (dist.world_size() if self.gather_distributed else 1)
+        count = read_counter(self, "queued")  # on the host: no synchronization per step
+        full = count >= self.queue_length
+        pushed = global_projections[0].shape[0] * (dist.world_size() if self.gather_distributed else 1)
+        write_counter(self, "queued", count + pushed)
         if not full:
             return None
         return [self.prototypes(q.to(global_projections[0].device)) for q in queued]
