@@ -22,11 +22,18 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def _compile_label(value: object) -> str:
+    """``no``, or the torch.compile mode (``True`` in older files: the default mode)."""
+    if not value or value == ["none"]:
+        return "no"
+    return "default" if value is True else str(value)
+
+
 def throughput(path: Path) -> str:
     data = json.loads(path.read_text())
     rows = [
         [r["method"], r["regularizer"], r["backbone"], r["batch_size"], r.get("augment_batches", 1),
-         "yes" if data.get("compile") or r.get("compile") else "no", f"{r['images_per_s']:,.0f}", r["device"]]
+         _compile_label(r.get("compile", data.get("compile"))), f"{r['images_per_s']:,.0f}", r["device"]]
         for r in data["results"]
     ]
     header = ["method", "OR", "backbone", "batch", "batches per augment call", "compile", "images/s", "device"]

@@ -14,11 +14,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
 import torch
 
+from or_core.compiling import COMPILE_MODES
 from or_core.config import resolve_config
 from or_core.records import provenance
 from or_core.methods import available_methods
@@ -42,11 +44,14 @@ def throughput(method: str, profile: str, regularizer: str, steps: int, warmup: 
             yield images[begin : begin + batch]
 
     # the clock starts after the warm-up steps (their chunk of augmented batches included)
+    first_losses = []
     for i, views in enumerate(step_views(run, batches(), generator)):
         if i == warmup:
             sync()
             start = time.perf_counter()
-        optimization_step(run, views, 0.1)
+        out = optimization_step(run, views, 0.1)
+        if i < 5:  # same seed, same data: compiled and eager runs should start alike
+            first_losses.append(out["loss"])
     sync()
     seconds = time.perf_counter() - start
     return {
@@ -60,6 +65,7 @@ def throughput(method: str, profile: str, regularizer: str, steps: int, warmup: 
         "image_size": int(images.shape[-1]),
         "steps": steps,
         "images_per_s": steps * batch / seconds,
+        "first_losses": [round(x.item(), 5) for x in first_losses],
         "device": device_name(run.device),
     }
 
@@ -74,24 +80,30 @@ def main() -> None:
     parser.add_argument("--augment-batches", type=int, nargs="+", default=[None], help="batches augmented per call, one row each (default: the profile's)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--compile", nargs="+", default=["none"], choices=("none", *COMPILE_MODES),
+        help="torch.compile modes, one row each, e.g. none reduce-overhead (default: none)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     profile = args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
     gpu = profile == "gpu"
     steps = args.steps or (50 if gpu else 5)
     warmup = args.warmup or (10 if gpu else 1)
-    overrides = {"data_root": args.data_root, "compile": args.compile or None, "batch_size": args.batch_size}
+    overrides = {"data_root": args.data_root, "batch_size": args.batch_size}
     results = []
-    print(f"{'method':<20}{'backbone':<16}{'batch':>6}{'aug.batches':>12}{'images/s':>12}  device")
+    print(f"{'method':<20}{'backbone':<16}{'batch':>6}{'aug.batches':>12}{'compile':>18}{'images/s':>12}  device")
     for method in args.methods or available_methods():
         for regularizer in args.regularizers:
-            for chunk in args.augment_batches:
-                r = throughput(method, profile, regularizer, steps, warmup, {**overrides, "augment_batches": chunk})
+            for chunk, mode in itertools.product(args.augment_batches, args.compile):
+                if mode != "none":
+                    torch._dynamo.reset()  # each run compiles afresh (the on-disk caches still help)
+                compiled = {"compile": mode} if mode != "none" else {}
+                r = throughput(method, profile, regularizer, steps, warmup, {**overrides, "augment_batches": chunk, **compiled})
                 results.append(r)
                 print(
                     f"{method + '+' + regularizer:<20}{r['backbone']:<16}{r['batch_size']:>6}{r['augment_batches']:>12}"
-                    f"{r['images_per_s']:>12.1f}  {r['device']}",
+                    f"{mode:>18}{r['images_per_s']:>12.1f}  {r['device']}",
                     flush=True,
                 )
     payload = {

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from or_core.compiling import COMPILE_MODES
 from or_core.config import PROFILE_METHOD_SETTINGS, PROFILES, PretrainConfig, resolve_config
 from or_core.methods import REGULARIZERS, available_methods
 
@@ -53,7 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("lars", "sgd", "adamw"), default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
+    p.add_argument(
+        "--compile", nargs="?", const=True, default=None, choices=(True, *COMPILE_MODES), metavar="MODE",
+        help="torch.compile the backbone and its EMA copies; MODE: " + ", ".join(COMPILE_MODES)
+        + " (default: default; reduce-overhead replays CUDA graphs)",
+    )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(

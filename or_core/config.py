@@ -69,7 +69,9 @@ class PretrainConfig:
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
-    compile: bool = False
+    #: ``torch.compile`` of the backbone and its EMA copies: false, true (the default mode) or a
+    #: mode name such as ``reduce-overhead`` (CUDA graphs); see :mod:`or_core.compiling`.
+    compile: bool | str = False
     profile: str = "custom"
 
     def to_dict(self) -> dict[str, Any]:

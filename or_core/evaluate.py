@@ -16,6 +16,8 @@ from lightly.utils.benchmarking import knn_predict
 from lightly.utils.benchmarking.topk import mean_topk_accuracy
 from torch import Tensor, nn
 
+from or_core.compiling import eager
+
 __all__ = ["extract_features", "knn_accuracy", "linear_probe_accuracy"]
 
 
@@ -32,7 +34,8 @@ def extract_features(
     """Backbone features ``(N, D)`` in float32 of uint8 images ``(N, 3, H, W)``, in eval mode.
 
     Images are scaled to ``[0, 1]`` and normalized with ``mean``/``std`` (those of training),
-    without other augmentation. The backbone's train/eval mode is restored afterwards.
+    without other augmentation. The backbone's train/eval mode is restored afterwards. A backbone
+    compiled for training (:mod:`or_core.compiling`) runs eagerly here.
     """
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
@@ -41,11 +44,12 @@ def extract_features(
     backbone.eval()
     out = []
     try:
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start : start + batch_size].to(device, non_blocking=True).float().div_(255)
-            x = (x - mean_t) / std_t
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                out.append(backbone(x).flatten(start_dim=1).float())
+        with eager(backbone):
+            for start in range(0, images.shape[0], batch_size):
+                x = images[start : start + batch_size].to(device, non_blocking=True).float().div_(255)
+                x = (x - mean_t) / std_t
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+                    out.append(backbone(x).flatten(start_dim=1).float())
     finally:
         backbone.train(was_training)
     return torch.cat(out)

@@ -45,6 +45,7 @@ from or_core import distributed
 from or_core.augment import MultiViewAugment, method_views
 from or_core.backbones import build_backbone
 from or_core.checkpoint import load_checkpoint, save_atomic
+from or_core.compiling import compile_encoders, compile_mode
 from or_core.config import PretrainConfig
 from or_core.data import ImageTensors, batches, load_holdout, load_split, load_split_at_most, resolve_dataset, streaming_loader
 from or_core.diagnostics import effective_rank, rankme, std_of_l2_normalized
@@ -178,6 +179,7 @@ def build_run(cfg: PretrainConfig) -> Run:
     distributed.check_batch_size(cfg.batch_size)
     if cfg.augment_batches < 1:
         raise ValueError(f"augment_batches is a number of batches, at least 1; got {cfg.augment_batches}")
+    mode = compile_mode(cfg.compile)  # validated before any data is loaded
     data_root = Path(os.path.expanduser(cfg.data_root))
     train, loader, train_size, image_size = _training_data(cfg, data_root)
     if train_size < cfg.batch_size:
@@ -207,8 +209,8 @@ def build_run(cfg: PretrainConfig) -> Run:
     warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs is not None else method.default_optimizer.warmup_epochs
     warmup_steps = min(warmup_epochs, cfg.epochs // 2) * steps_per_epoch
     scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=warmup_steps, max_epochs=total_steps)
-    if cfg.compile:
-        method.backbone.compile()
+    if mode is not None:
+        compile_encoders(method, mode)
     return Run(
         cfg, device, method, augment, optimizer, scheduler, train.to(device) if train is not None else None,
         steps_per_epoch, tuple(views[0].mean), tuple(views[0].std), module, loader, train_size, image_size,
@@ -358,6 +360,8 @@ def optimization_step(run: Run, views: list[torch.Tensor], progress: float) -> d
     """
     cfg, method = run.cfg, run.method
     amp = cfg.amp and run.device.type == "cuda"
+    if cfg.compile:  # a new iteration for CUDA graph trees: the last step's graph outputs are dead
+        torch.compiler.cudagraph_mark_step_begin()
     # (the labels name the phases in a torch.profiler trace: benchmarks/step_profile.py)
     with record_function("forward"):
         if amp and cfg.channels_last:

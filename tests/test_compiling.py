@@ -1,0 +1,74 @@
+"""torch.compile of the encoders (or_core.compiling): which modules, the setting, eager evaluation.
+
+Compilation here uses dynamo's ``eager`` backend (graph capture without code generation), so
+the tests take seconds on a CPU; the inductor modes are timed on CUDA by
+``benchmarks/train_throughput.py --compile ...``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from or_core.backbones import build_backbone
+from or_core.compiling import COMPILE_MODES, compile_encoders, compile_mode, eager
+from or_core.config import resolve_config
+from or_core.evaluate import extract_features
+from or_core.methods import build_method
+
+
+def _method(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet18", image_size=32, width=0.125)
+    return build_method(name, backbone, dim, proj_hidden_dim=64, proj_output_dim=32)
+
+
+def test_compile_setting_values():
+    assert [compile_mode(v) for v in (False, None, "none", True)] == [None, None, None, "default"]
+    for mode in COMPILE_MODES:
+        assert compile_mode(mode) == mode
+    with pytest.raises(ValueError, match="unknown compile setting 'fast'.*reduce-overhead"):
+        compile_mode("fast")
+
+
+def test_a_bad_compile_setting_stops_the_run_before_any_data_is_read(tmp_path):
+    from or_core.train import build_run
+
+    cfg = resolve_config("ci", overrides={"compile": "fastest", "data_root": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="unknown compile setting 'fastest'"):
+        build_run(cfg)
+
+
+@pytest.mark.parametrize(("name", "n_compiled"), [("byol", 2), ("mocov2", 2), ("simclr", 1)])
+def test_the_backbone_and_its_ema_copies_are_compiled_and_heads_are_not(name, n_compiled):
+    method = _method(name)
+    keys = list(method.state_dict())
+    compiled = compile_encoders(method, "default", backend="eager")
+    assert compiled[0] is method.backbone and len(compiled) == n_compiled
+    is_compiled = {id(m) for m in compiled}
+    for module in method.modules():
+        assert (module.__dict__.get("_compiled_call_impl") is not None) == (id(module) in is_compiled)
+    assert list(method.state_dict()) == keys  # checkpoints stay interchangeable
+
+
+def test_compiled_training_loss_equals_eager_and_evaluation_runs_eagerly():
+    torch.manual_seed(1)
+    views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]
+    reference = _method("byol")
+    method = _method("byol")
+    compile_encoders(method, "default", backend="eager")
+    torch._dynamo.reset()
+    expected = reference.training_loss(views, 0.3)["loss"]
+    got = method.training_loss(views, 0.3)["loss"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+    calls = []
+    method.backbone._compiled_call_impl = lambda *a, **k: calls.append(1)  # would break evaluation
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    features = extract_features(method.backbone, images, (0.5,) * 3, (0.25,) * 3)
+    assert calls == [] and features.shape == (5, 64)
+    with eager(method.backbone):
+        assert method.backbone._compiled_call_impl is None
+    method.backbone(torch.zeros(2, 3, 32, 32))
+    assert calls == [1]  # the compiled call is back after evaluation
