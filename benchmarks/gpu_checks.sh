@@ -12,8 +12,9 @@
 #   augment     the batched augmentation against lightly's BYOLTransform (benchmarks/augment.py);
 #   compile     the throughput with torch.compile (default and reduce-overhead modes);
 #   overhead    the OR term's cost on CUDA (benchmarks/or_overhead.py);
-#   methods     every method's throughput in the gpu profile;
-#   realrun     a short real run: BYOL + SO, gpu profile, CIFAR-10, $REAL_RUN_EPOCHS epochs.
+#   methods     every method's throughput in the gpu profile (METHODS_COMPILE="reduce-overhead");
+#   realrun     a short real run: BYOL + SO, gpu profile, CIFAR-10, $REAL_RUN_EPOCHS epochs
+#               (more flags of `python -m or_core pretrain` in REAL_RUN_FLAGS).
 #
 # GPU_CHECKS="tests throughput" runs only those (default: all, in the order above). Each step has
 # its own time limit and a failing step does not stop the next one. Everything is written to
@@ -75,11 +76,12 @@ want compile && step throughput-byol-compile 240 $PY benchmarks/train_throughput
     --regularizers none so --augment-batches 8 --steps 100 --warmup 20 --compile default reduce-overhead \
     --json "$OUT/throughput_byol_compile.json"
 want overhead && step or-overhead 120 $PY benchmarks/or_overhead.py --no-cpu --json "$OUT/or_overhead.json"
-want methods && step throughput-methods 240 $PY benchmarks/train_throughput.py --profile gpu --regularizers so \
-    --augment-batches 8 --steps 30 --warmup 10 --json "$OUT/throughput_methods.json"
+want methods && step throughput-methods "${METHODS_LIMIT_S:-240}" $PY benchmarks/train_throughput.py --profile gpu \
+    --regularizers so --augment-batches 8 --compile ${METHODS_COMPILE:-none} --steps 30 --warmup 10 \
+    --json "$OUT/throughput_methods.json"
 if want realrun; then
     step real-run "${REAL_RUN_LIMIT_S:-300}" $PY -m or_core pretrain --method byol --regularizer so --gamma 1e-6 \
-        --dataset cifar10 --profile gpu --epochs "${REAL_RUN_EPOCHS:-15}" --out /tmp/real_run --no-progress
+        --dataset cifar10 --profile gpu --epochs "${REAL_RUN_EPOCHS:-15}" ${REAL_RUN_FLAGS:-} --out /tmp/real_run --no-progress
     tar czf "$OUT/real_run.tar.gz" --exclude checkpoint.pt -C /tmp real_run 2>>"$LOG"
 fi
 grep -h "images/s\|img/s\|passed\|failed\|rc=\| b[0-9]* aug\|+none \|+so \|+srip " "$LOG" | tail -60
