@@ -4,15 +4,15 @@
 #   tests       the CUDA tests (augmentation and a training step equal to the CPU's, bf16 runs);
 #   throughput  BYOL, ResNet-18, CIFAR-10, batch 256, gpu profile: none / SO / SRIP, augmenting
 #               1 and 8 batches per call (the target: at least 10k images/s on one H100);
-#               THROUGHPUT_AUGMENT_BATCHES="8" THROUGHPUT_COMPILE="none reduce-overhead" narrow or
-#               widen it;
+#               eager and compiled (reduce-overhead, the gpu profile's); THROUGHPUT_AUGMENT_BATCHES
+#               and THROUGHPUT_COMPILE narrow or widen it;
 #   profile     where the step's time goes (benchmarks/step_profile.py): host time per phase,
 #               GPU kernel time and launches, at batch 256 and 1024 (PROFILE_REGULARIZERS,
 #               PROFILE_AUGMENT_BATCHES, PROFILE_BATCH_SIZES narrow it);
 #   augment     the batched augmentation against lightly's BYOLTransform (benchmarks/augment.py);
 #   compile     the throughput with torch.compile (default and reduce-overhead modes);
 #   overhead    the OR term's cost on CUDA (benchmarks/or_overhead.py);
-#   methods     every method's throughput in the gpu profile (METHODS_COMPILE="reduce-overhead");
+#   methods     every method's throughput in the gpu profile (compiled; METHODS_COMPILE=none: eager);
 #   realrun     a short real run: BYOL + SO, gpu profile, CIFAR-10, $REAL_RUN_EPOCHS epochs
 #               (more flags of `python -m or_core pretrain` in REAL_RUN_FLAGS).
 #
@@ -66,7 +66,7 @@ want tests && step cuda-tests 180 $PY -m pytest -q -p no:cacheprovider -k cuda \
     tests/test_orthogonality.py tests/test_augment.py tests/test_train.py
 want throughput && step throughput-byol 300 $PY benchmarks/train_throughput.py --profile gpu --methods byol \
     --regularizers none so srip --augment-batches ${THROUGHPUT_AUGMENT_BATCHES:-1 8} \
-    --compile ${THROUGHPUT_COMPILE:-none} --steps 100 --warmup 20 --json "$OUT/throughput_byol.json"
+    --compile ${THROUGHPUT_COMPILE:-none reduce-overhead} --steps 100 --warmup 20 --json "$OUT/throughput_byol.json"
 want profile && step step-profile 150 $PY benchmarks/step_profile.py --profile gpu --method byol \
     --regularizers ${PROFILE_REGULARIZERS:-none so} --augment-batches ${PROFILE_AUGMENT_BATCHES:-1 8} \
     --batch-sizes ${PROFILE_BATCH_SIZES:-256 1024} --json "$OUT/step_profile.json"
@@ -77,7 +77,7 @@ want compile && step throughput-byol-compile 240 $PY benchmarks/train_throughput
     --json "$OUT/throughput_byol_compile.json"
 want overhead && step or-overhead 120 $PY benchmarks/or_overhead.py --no-cpu --json "$OUT/or_overhead.json"
 want methods && step throughput-methods "${METHODS_LIMIT_S:-240}" $PY benchmarks/train_throughput.py --profile gpu \
-    --regularizers so --augment-batches 8 --compile ${METHODS_COMPILE:-none} --steps 30 --warmup 10 \
+    --regularizers so --augment-batches 8 --compile ${METHODS_COMPILE:-reduce-overhead} --steps 30 --warmup 10 \
     --json "$OUT/throughput_methods.json"
 if want realrun; then
     step real-run "${REAL_RUN_LIMIT_S:-300}" $PY -m or_core pretrain --method byol --regularizer so --gamma 1e-6 \

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from or_core.compiling import COMPILE_MODES
+from or_core.compiling import COMPILE_MODES, compile_mode
 from or_core.config import resolve_config
 from or_core.records import provenance
 from or_core.methods import available_methods
@@ -81,8 +81,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--data-root", default=None)
     parser.add_argument(
-        "--compile", nargs="+", default=["none"], choices=("none", *COMPILE_MODES),
-        help="torch.compile modes, one row each, e.g. none reduce-overhead (default: none)",
+        "--compile", nargs="+", default=[None], choices=("none", *COMPILE_MODES),
+        help="torch.compile modes, one row each, e.g. none reduce-overhead (default: the profile's)",
     )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -96,14 +96,12 @@ def main() -> None:
     for method in args.methods or available_methods():
         for regularizer in args.regularizers:
             for chunk, mode in itertools.product(args.augment_batches, args.compile):
-                if mode != "none":
-                    torch._dynamo.reset()  # each run compiles afresh (the on-disk caches still help)
-                compiled = {"compile": mode} if mode != "none" else {}
-                r = throughput(method, profile, regularizer, steps, warmup, {**overrides, "augment_batches": chunk, **compiled})
+                torch._dynamo.reset()  # each run compiles afresh (the on-disk caches still help)
+                r = throughput(method, profile, regularizer, steps, warmup, {**overrides, "augment_batches": chunk, "compile": mode})
                 results.append(r)
                 print(
                     f"{method + '+' + regularizer:<20}{r['backbone']:<16}{r['batch_size']:>6}{r['augment_batches']:>12}"
-                    f"{mode:>18}{r['images_per_s']:>12.1f}  {r['device']}",
+                    f"{compile_mode(r['compile']) or 'none':>18}{r['images_per_s']:>12.1f}  {r['device']}",
                     flush=True,
                 )
     payload = {

@@ -55,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument(
-        "--compile", nargs="?", const=True, default=None, choices=(True, *COMPILE_MODES), metavar="MODE",
-        help="torch.compile the backbone and its EMA copies; MODE: " + ", ".join(COMPILE_MODES)
-        + " (default: default; reduce-overhead replays CUDA graphs)",
+        "--compile", nargs="?", const=True, default=None, choices=(True, "none", *COMPILE_MODES), metavar="MODE",
+        help="torch.compile the backbone and its EMA copies; MODE: none, " + ", ".join(COMPILE_MODES)
+        + " (bare --compile: default; reduce-overhead replays CUDA graphs; the gpu profile's is reduce-overhead)",
     )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

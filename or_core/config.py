@@ -124,6 +124,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "batch_size": 256,
         "linear_epochs": 100,
         "augment_batches": 8,
+        # CUDA graphs for the backbone and its EMA copy: BYOL + SO, batch 256, one H200 (torch
+        # 2.11), 7,366 -> 16,627 images/s; compiling takes about a minute once per run.
+        "compile": "reduce-overhead",
     },
 }
 

@@ -23,6 +23,7 @@ import torch
 from lightly.utils.debug import std_of_l2_normalized
 from torch import Tensor, nn
 
+from or_core.compiling import eager
 from or_core.orthogonality import _compute_dtype, matrix_view, regularized_weights, so_penalty
 
 __all__ = [
@@ -235,7 +236,8 @@ def features(
                 break
             for outputs in batch_outputs.values():
                 outputs.clear()
-            output = model(x.to(device))
+            with eager(model):  # a model compiled for training (or_core.compiling) runs eagerly
+                output = model(x.to(device))
             if not isinstance(output, Tensor):
                 raise TypeError(f"the model returned {type(output).__name__}, not a tensor")
             for name, outputs in batch_outputs.items():

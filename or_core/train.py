@@ -360,7 +360,7 @@ def optimization_step(run: Run, views: list[torch.Tensor], progress: float) -> d
     """
     cfg, method = run.cfg, run.method
     amp = cfg.amp and run.device.type == "cuda"
-    if cfg.compile:  # a new iteration for CUDA graph trees: the last step's graph outputs are dead
+    if compile_mode(cfg.compile) is not None:  # a new iteration for CUDA graph trees: the last step's graph outputs are dead
         torch.compiler.cudagraph_mark_step_begin()
     # (the labels name the phases in a torch.profiler trace: benchmarks/step_profile.py)
     with record_function("forward"):

@@ -151,3 +151,26 @@ def test_readme_quotes_each_methods_cpu_profile_knn_from_its_record() -> None:
     assert set(quoted) == set(names), quoted
     for label, value in quoted.items():
         assert float(value) == pytest.approx(knn[names[label]], abs=5.1e-4)  # 2,000 test images: halves round either way, label
+
+
+H200 = REPO / "results" / "benchmarks" / "h200"
+
+
+def _throughput_rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["results"]
+
+
+def test_readme_quotes_the_h200_throughputs_from_the_benchmark_files() -> None:
+    """The README's GPU table and per-method figures are the benchmark JSON's, rounded."""
+    text = (REPO / "README.md").read_text()
+    table = dict(re.findall(r"^\| (none|SO|SRIP) \| ([\d,]+ \| [\d,]+) \|$", text, flags=re.MULTILINE))
+    byol = _throughput_rows(H200 / "call3-c1d8e92" / "throughput_byol.json")
+    for label, regularizer in (("none", "none"), ("SO", "so"), ("SRIP", "srip")):
+        rows = {r["compile"] or "none": r["images_per_s"] for r in byol if r["regularizer"] == regularizer}
+        assert table[label] == f"{rows['none']:,.0f} | {rows['reduce-overhead']:,.0f}", (label, rows)
+    methods = {r["method"]: r["images_per_s"] for r in _throughput_rows(H200 / "call4-2058d15" / "throughput_methods.json")}
+    assert all(r["compile"] == "reduce-overhead" for r in _throughput_rows(H200 / "call4-2058d15" / "throughput_methods.json"))
+    flat = " ".join(text.split())
+    for label, method in (("SwaV", "swav"), ("DINO", "dino"), ("NNCLR", "nnclr"), ("BYOL", "byol"), ("Barlow Twins", "barlowtwins")):
+        assert f"{label} {methods[method]:,.0f}" in flat, (label, methods[method])
+    assert f"{min(methods.values()):,.0f}-{max(methods.values()):,.0f} images/s with SO" in flat
