@@ -125,7 +125,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "linear_epochs": 100,
         "augment_batches": 8,
         # CUDA graphs for the backbone and its EMA copy: BYOL + SO, batch 256, one H200 (torch
-        # 2.11), 7,366 -> 16,627 images/s; compiling takes about a minute once per run.
+        # 2.11), 7,366 -> 16,627 images/s; compiling takes about a minute once per run. Not
+        # applied in multi-process (DDP) runs, where it is untested.
         "compile": "reduce-overhead",
     },
 }

@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,13 @@ def build_run(cfg: PretrainConfig) -> Run:
     if cfg.augment_batches < 1:
         raise ValueError(f"augment_batches is a number of batches, at least 1; got {cfg.augment_batches}")
     mode = compile_mode(cfg.compile)  # validated before any data is loaded
+    if mode is not None and distributed.world_size() > 1:
+        warnings.warn(
+            f"compile={cfg.compile!r} is not applied in a multi-process run: torch.compile and CUDA "
+            "graphs are untested here with DDP and SyncBatchNorm's collectives; training runs eagerly",
+            stacklevel=2,
+        )
+        mode = None
     data_root = Path(os.path.expanduser(cfg.data_root))
     train, loader, train_size, image_size = _training_data(cfg, data_root)
     if train_size < cfg.batch_size:
