@@ -338,3 +338,23 @@ def test_a_cuda_training_step_never_waits_for_the_gpu(data_root: Path, method: s
     where = [Path(w.filename).name for w in syncs]
     assert where[-1:] == [Path(__file__).name], "the deliberate .item() was not reported"
     assert set(where[:-1]) <= _LIGHTLY_SYNCS.get(method, set()), [f"{w.filename}:{w.lineno}" for w in syncs]
+
+
+def test_a_compiled_run_trains_evaluates_and_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
+    """``compile`` (inductor, the gpu profile's path; CUDA graphs need a GPU): BYOL + SO with its
+    backbone and EMA backbone compiled trains, evaluates eagerly, and a run stopped after an epoch
+    and resumed (state loaded into the compiled modules) ends with the weights of an
+    uninterrupted one."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny(data_root, regularizer="so", gamma=1e-4, subset=256, compile="default")
+    torch._dynamo.reset()
+    counters.clear()
+    straight = pretrain(cfg, tmp_path / "straight", progress=False)
+    assert counters["stats"]["unique_graphs"] >= 2  # the online and the EMA backbone were compiled
+    pretrain(cfg, tmp_path / "resumed", progress=False, stop_after_epochs=1)
+    pretrain(cfg, tmp_path / "resumed", progress=False)
+    first, second = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert 0.0 <= straight["knn_top1"] <= 1.0 and straight["or_so_total"] > 0
+    assert yaml.safe_load((tmp_path / "straight" / "config.yaml").read_text())["compile"] == "default"
