@@ -24,7 +24,7 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
 
 def _compile_label(value: object) -> str:
     """``no``, or the torch.compile mode (``True`` in older files: the default mode)."""
-    if not value or value in ("none", ["none"]):
+    if not value or value == "none":
         return "no"
     return "default" if value is True else str(value)
 

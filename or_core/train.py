@@ -87,7 +87,8 @@ class Run:
 
     ``module`` runs the forward: the ``DistributedDataParallel`` wrapper of ``method`` in a
     multi-process run, ``method`` itself otherwise. ``method`` is always the unwrapped method
-    (hooks, ``state_dict``, evaluation).
+    (hooks, ``state_dict``, evaluation). ``compiled`` is the ``torch.compile`` mode applied to
+    its encoders, if any (:mod:`or_core.compiling`).
     """
 
     cfg: PretrainConfig
@@ -104,6 +105,7 @@ class Run:
     loader: DataLoader | None = None
     train_size: int = 0
     image_size: int = 0
+    compiled: str | None = None
 
     def __post_init__(self) -> None:
         if self.module is None:
@@ -222,6 +224,7 @@ def build_run(cfg: PretrainConfig) -> Run:
     return Run(
         cfg, device, method, augment, optimizer, scheduler, train.to(device) if train is not None else None,
         steps_per_epoch, tuple(views[0].mean), tuple(views[0].std), module, loader, train_size, image_size,
+        compiled=mode,
     )
 
 
@@ -368,7 +371,7 @@ def optimization_step(run: Run, views: list[torch.Tensor], progress: float) -> d
     """
     cfg, method = run.cfg, run.method
     amp = cfg.amp and run.device.type == "cuda"
-    if compile_mode(cfg.compile) is not None:  # a new iteration for CUDA graph trees: the last step's graph outputs are dead
+    if run.compiled is not None:  # a new iteration for CUDA graph trees: the last step's graph outputs are dead
         torch.compiler.cudagraph_mark_step_begin()
     # (the labels name the phases in a torch.profiler trace: benchmarks/step_profile.py)
     with record_function("forward"):
