@@ -154,23 +154,33 @@ def test_readme_quotes_each_methods_cpu_profile_knn_from_its_record() -> None:
 
 
 H200 = REPO / "results" / "benchmarks" / "h200"
+H100 = REPO / "results" / "benchmarks" / "h100"
 
 
 def _throughput_rows(path: Path) -> list[dict]:
     return json.loads(path.read_text())["results"]
 
 
-def test_readme_quotes_the_h200_throughputs_from_the_benchmark_files() -> None:
-    """The README's GPU table and per-method figures are the benchmark JSON's, rounded."""
+def _eager_and_compiled(path: Path, regularizer: str) -> str:
+    rows = {r["compile"] or "none": r["images_per_s"] for r in _throughput_rows(path) if r["regularizer"] == regularizer}
+    return f"{rows['none']:,.0f} | {rows['reduce-overhead']:,.0f}"
+
+
+def test_readme_quotes_the_gpu_throughputs_from_the_benchmark_files() -> None:
+    """The README's GPU table (H100 and H200 columns) and per-method figures are the benchmark
+    JSON's, rounded; the H100 rows ran on an H100."""
     text = (REPO / "README.md").read_text()
-    table = dict(re.findall(r"^\| (none|SO|SRIP) \| ([\d,]+ \| [\d,]+) \|$", text, flags=re.MULTILINE))
-    byol = _throughput_rows(H200 / "call3-c1d8e92" / "throughput_byol.json")
+    table = dict(re.findall(r"^\| (none|SO|SRIP) \| ([\d,]+ \| [\d,]+ \| [\d,]+ \| [\d,]+) \|$", text, flags=re.MULTILINE))
+    h100 = H100 / "call1-338ad91" / "throughput_byol.json"
+    assert all("H100" in r["device"] for r in _throughput_rows(h100))
     for label, regularizer in (("none", "none"), ("SO", "so"), ("SRIP", "srip")):
-        rows = {r["compile"] or "none": r["images_per_s"] for r in byol if r["regularizer"] == regularizer}
-        assert table[label] == f"{rows['none']:,.0f} | {rows['reduce-overhead']:,.0f}", (label, rows)
+        expected = _eager_and_compiled(h100, regularizer) + " | " + _eager_and_compiled(H200 / "call3-c1d8e92" / "throughput_byol.json", regularizer)
+        assert table[label] == expected, label
+    flat = " ".join(text.split())
+    h100_methods = [r["images_per_s"] for r in _throughput_rows(H100 / "call1-338ad91" / "throughput_methods.json")]
+    assert f"{min(h100_methods):,.0f}-{max(h100_methods):,.0f} on the H100" in flat
     methods = {r["method"]: r["images_per_s"] for r in _throughput_rows(H200 / "call4-2058d15" / "throughput_methods.json")}
     assert all(r["compile"] == "reduce-overhead" for r in _throughput_rows(H200 / "call4-2058d15" / "throughput_methods.json"))
-    flat = " ".join(text.split())
     for label, method in (("SwaV", "swav"), ("DINO", "dino"), ("NNCLR", "nnclr"), ("BYOL", "byol"), ("Barlow Twins", "barlowtwins")):
         assert f"{label} {methods[method]:,.0f}" in flat, (label, methods[method])
     assert f"{min(methods.values()):,.0f}-{max(methods.values()):,.0f} images/s with SO" in flat
