@@ -1,0 +1,173 @@
+"""Run directories read back: the per-epoch history and the summary of single pretraining runs.
+
+``python -m or_core pretrain --out DIR`` leaves ``config.yaml``, ``metrics.jsonl`` (one line
+per epoch) and, once the final evaluation has run, ``summary.json`` in ``DIR``
+(:mod:`or_core.train`). The matrices' records (:mod:`or_core.records`) are the book's main
+evidence; this module shows the runs made outside a matrix, such as the short gpu-profile runs
+under ``results/gpu_runs/``, without retraining anything:
+
+* :func:`load_run_dirs`: every run directory under a folder, finished or not;
+* :func:`run_dirs_table`: one row per run (its setting, throughput, final accuracy);
+* :func:`history_figure`: per-epoch curves of the runs (effective rank of the fixed probe
+  batch, SSL loss, ...), one panel per metric.
+
+Example (from the repository root)::
+
+    from or_core import run_dirs
+
+    runs = run_dirs.load_run_dirs("results/gpu_runs")
+    run_dirs.run_dirs_table(runs)
+    fig = run_dirs.history_figure(runs)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from or_core import plots
+from or_core.compiling import compile_mode
+from or_core.config import load_yaml
+
+__all__ = ["RunDir", "load_run_dirs", "run_dirs_table", "history_figure", "HISTORY_LABELS"]
+
+#: Per-epoch keys of ``metrics.jsonl`` that :func:`history_figure` can draw, with axis labels.
+HISTORY_LABELS = {
+    "effective_rank": "effective rank (fixed probe batch)",
+    "std_of_l2_normalized": "std of the l2-normalized representation",
+    "ssl_loss": "SSL loss",
+    "or_term": "OR term (gamma x penalty)",
+    "images_per_s": "images/s",
+}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run directory: its name, configuration, per-epoch history and summary (``None``
+    while the final evaluation has not run, e.g. for a run stopped during it)."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+
+    @property
+    def finished(self) -> bool:
+        """Whether ``summary.json`` exists: the run trained and was evaluated."""
+        return self.summary is not None
+
+    @property
+    def label(self) -> str:
+        """``byol + SO (1e-6)``: method, regularizer and gamma, for legends."""
+        method, regularizer = self.config.get("method", "?"), self.config.get("regularizer", "none")
+        if regularizer == "none":
+            return f"{method}, no OR"
+        gamma = self.config.get("gamma")
+        return f"{method} + {regularizer.upper()}" + (f" ({gamma:.0e})".replace("e-0", "e-") if gamma else "")
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    history = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+    return history
+
+
+def load_run_dirs(folder: str | Path) -> list[RunDir]:
+    """Every run directory directly under ``folder`` (a subfolder with ``config.yaml`` and
+    ``metrics.jsonl``), sorted by name. A folder that does not exist gives ``[]``; other
+    subfolders are skipped."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    runs = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        if not ((path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file()):
+            continue
+        summary_path = path / "summary.json"
+        runs.append(RunDir(
+            name=path.name,
+            path=path,
+            config=load_yaml(path / "config.yaml"),
+            history=_read_history(path / "metrics.jsonl"),
+            summary=json.loads(summary_path.read_text()) if summary_path.is_file() else None,
+        ))
+    return runs
+
+
+def run_dirs_table(runs: Sequence[RunDir]) -> pd.DataFrame:
+    """One row per run: method, regularizer, gamma, data set, epochs trained of those planned,
+    the device, the compile mode, the median images/s of the epochs after the first (the first includes any
+    compilation), the probe batch's effective rank at the last epoch, and the final summary's
+    kNN and linear top-1 and test-set effective rank (``NaN`` for an unfinished run)."""
+    columns = ["run", "method", "regularizer", "gamma", "dataset", "epochs", "of", "device", "compile", "images/s",
+               "probe effective rank", "knn_top1", "linear_top1", "effective_rank", "finished"]
+    rows = []
+    for run in runs:
+        summary = run.summary or {}
+        later = [e["images_per_s"] for e in run.history[1:] if "images_per_s" in e]
+        rows.append({
+            "run": run.name,
+            "method": run.config.get("method"),
+            "regularizer": run.config.get("regularizer"),
+            "gamma": run.config.get("gamma"),
+            "dataset": Path(str(run.config.get("dataset"))).name,
+            "epochs": len(run.history),
+            "of": run.config.get("epochs"),
+            "device": summary.get("device", "-"),
+            "compile": compile_mode(run.config.get("compile")) or "no",
+            "images/s": statistics.median(later) if later else float("nan"),
+            "probe effective rank": run.history[-1].get("effective_rank", float("nan")) if run.history else float("nan"),
+            "knn_top1": summary.get("knn_top1", float("nan")),
+            "linear_top1": summary.get("linear_top1", float("nan")),
+            "effective_rank": summary.get("effective_rank", float("nan")),
+            "finished": run.finished,
+        })
+    return pd.DataFrame(rows, columns=columns).set_index("run")
+
+
+def history_figure(
+    runs: Sequence[RunDir],
+    metrics: Sequence[str] = ("effective_rank", "ssl_loss"),
+    title: str | None = None,
+) -> Figure:
+    """Per-epoch curves of ``runs``, one panel per metric of ``metrics`` (keys of
+    ``metrics.jsonl``, see :data:`HISTORY_LABELS`), one line per run, against the epoch.
+    ``title`` goes above the panels (say the scale there). Without runs, each panel says
+    "no data yet"."""
+    unknown = [m for m in metrics if m not in HISTORY_LABELS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(HISTORY_LABELS)}")
+    with sns.axes_style(plots.STYLE):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 3.8), squeeze=False)
+    colors = sns.color_palette(plots.PALETTE, max(len(runs), 1))
+    for ax, metric in zip(axes[0], metrics):
+        ax.set_title(HISTORY_LABELS[metric])
+        if not runs:
+            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
+            continue
+        for run, color in zip(runs, colors):
+            values = [e.get(metric, float("nan")) for e in run.history]
+            ax.plot(range(1, len(values) + 1), values, label=run.label, color=color, lw=1.4)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(HISTORY_LABELS[metric])
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
