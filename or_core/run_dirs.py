@@ -112,9 +112,9 @@ def load_run_dirs(folder: str | Path) -> list[RunDir]:
 
 def run_dirs_table(runs: Sequence[RunDir]) -> pd.DataFrame:
     """One row per run: method, regularizer, gamma, data set, epochs trained of those planned,
-    the device, the compile mode, the median images/s of the epochs after the first (the first includes any
-    compilation), the probe batch's effective rank at the last epoch, and the final summary's
-    kNN and linear top-1 and test-set effective rank (``NaN`` for an unfinished run)."""
+    the device, the compile mode, the median images/s of the epochs after the first (the first
+    includes any compilation), the probe batch's effective rank at the last epoch, and the final
+    summary's kNN and linear top-1 and test-set effective rank (``NaN`` for an unfinished run)."""
     columns = ["run", "method", "regularizer", "gamma", "dataset", "epochs", "of", "device", "compile", "images/s",
                "probe effective rank", "knn_top1", "linear_top1", "effective_rank", "finished"]
     rows = []

@@ -38,7 +38,7 @@ def test_the_table_holds_each_runs_summary_and_history() -> None:
             assert row["knn_top1"] != row["knn_top1"]  # NaN: the run was stopped before its evaluation
 
 
-def test_the_figure_draws_each_runs_history(tmp_path: Path) -> None:
+def test_the_figure_draws_each_runs_history() -> None:
     runs = [r for r in load_run_dirs(GPU_RUNS) if r.name.endswith("_30ep_h100")]
     fig = history_figure(runs, metrics=("effective_rank", "ssl_loss"), title="H100, 30 epochs")
     try:
