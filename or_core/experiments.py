@@ -50,7 +50,7 @@ from or_core.config import PretrainConfig, resolve_config
 from or_core.data import load_split, load_split_at_most
 from or_core.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from or_core.records import collapse_spectra, load_records, provenance, scale_of, write_record
-from or_core.train import CHECKPOINT_FILE, METRICS_FILE, build_run, pretrain
+from or_core.train import CHECKPOINT_FILE, build_run, pretrain, read_metrics
 
 __all__ = ["Experiment", "Matrix", "load_matrix", "run_name", "choose_gamma", "resolve_chosen", "run_experiment", "run_matrix"]
 
@@ -243,7 +243,7 @@ def run_experiment(matrix: Matrix, experiment: Experiment, work_dir: str | Path,
     state = load_checkpoint(out / CHECKPOINT_FILE)
     run.method.load_state_dict(state["method"])
     test = load_split(cfg.dataset, "test", Path(os.path.expanduser(cfg.data_root)), cfg.image_size, cfg.eval_test_subset, cfg.seed)
-    history = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
+    history = read_metrics(out)
     record = {
         "name": experiment.name,
         "matrix": matrix.path.name,

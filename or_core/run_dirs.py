@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 from or_core import plots
 from or_core.compiling import compile_mode
 from or_core.config import load_yaml
+from or_core.train import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
 
 __all__ = ["RunDir", "load_run_dirs", "run_dirs_table", "history_figure", "HISTORY_LABELS"]
 
@@ -76,18 +77,6 @@ class RunDir:
         return f"{method} + {regularizer.upper()}" + (f" ({gamma:.0e})".replace("e-0", "e-") if gamma else "")
 
 
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    history = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            history.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
-    return history
-
-
 def load_run_dirs(folder: str | Path) -> list[RunDir]:
     """Every run directory directly under ``folder`` (a subfolder with ``config.yaml`` and
     ``metrics.jsonl``), sorted by name. A folder that does not exist gives ``[]``; other
@@ -97,14 +86,14 @@ def load_run_dirs(folder: str | Path) -> list[RunDir]:
         return []
     runs = []
     for path in sorted(p for p in root.iterdir() if p.is_dir()):
-        if not ((path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file()):
+        if not ((path / CONFIG_FILE).is_file() and (path / METRICS_FILE).is_file()):
             continue
-        summary_path = path / "summary.json"
+        summary_path = path / SUMMARY_FILE
         runs.append(RunDir(
             name=path.name,
             path=path,
-            config=load_yaml(path / "config.yaml"),
-            history=_read_history(path / "metrics.jsonl"),
+            config=load_yaml(path / CONFIG_FILE),
+            history=read_metrics(path),
             summary=json.loads(summary_path.read_text()) if summary_path.is_file() else None,
         ))
     return runs

@@ -56,7 +56,7 @@ from or_core.methods import SSLMethod, build_method
 from or_core.orthogonality import regularized_weights, so_penalty
 from or_core.records import git_commit
 
-__all__ = ["NonFiniteLossError", "RunConfigMismatchError", "Run", "build_run", "step_views", "optimization_step", "training_step", "evaluate_dir", "evaluate_run", "pretrain"]
+__all__ = ["NonFiniteLossError", "RunConfigMismatchError", "Run", "build_run", "step_views", "optimization_step", "training_step", "evaluate_dir", "evaluate_run", "pretrain", "read_metrics"]
 
 CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE = (
     "config.yaml",
@@ -260,6 +260,21 @@ def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     tmp = out / f".{METRICS_FILE}.tmp"
     tmp.write_text("".join(json.dumps(line) + "\n" for line in history))
     os.replace(tmp, out / METRICS_FILE)
+
+
+def read_metrics(out: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch history in ``out/metrics.jsonl``, one dict per epoch; a line that is not
+    JSON is a ``ValueError`` naming the file and the line."""
+    path = Path(out) / METRICS_FILE
+    history = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+    return history
 
 
 def device_name(device: torch.device) -> str:
