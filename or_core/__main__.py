@@ -5,23 +5,48 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from typing import NoReturn
 
 from or_core.compiling import COMPILE_MODES
 from or_core.config import PROFILE_METHOD_SETTINGS, PROFILES, PretrainConfig, resolve_config
+from or_core.errors import InputError, disk_error
 from or_core.methods import REGULARIZERS, available_methods
 
 DATASETS = "cifar10, cifar100, or a path to an ImageFolder root with train/ and val/ (or test/)"
+#: ``evaluate``'s flags: the evaluation sizes of the run's config, overridden (clipped to the data).
+EVALUATION_FLAGS = {
+    "--eval-train-subset": "training images of the kNN bank and the linear probe's training set",
+    "--eval-test-subset": "test images evaluated",
+    "--val-images": "held-out training images of the validation kNN (0: none)",
+    "--linear-epochs": "epochs of the linear probe",
+    "--knn-k": "neighbours of the kNN classifier",
+    "--knn-t": "temperature of the kNN classifier",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where the usage is, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", help="show the traceback of an input error (also OR_CORE_DEBUG=1)"
+    )
+    parser = _Parser(
         prog="python -m or_core",
         description="Self-supervised pretraining with orthogonality regularization (He, Du & Ma, NeurIPS 2024).",
+        parents=[common],
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser(
         "pretrain",
+        parents=[common],
         help="pretrain an encoder (resumes if --out holds the same run)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
@@ -65,10 +90,13 @@ def _parser() -> argparse.ArgumentParser:
         "--stop-after-epochs", type=int, default=None,
         help="stop after this many epochs of this call; the same command later resumes",
     )
-    e = sub.add_parser("evaluate", help="kNN and linear probe of a run's last checkpoint")
+    e = sub.add_parser("evaluate", parents=[common], help="kNN and linear probe of a run's last checkpoint")
     e.add_argument("out", help="run directory")
+    for flag, help_ in EVALUATION_FLAGS.items():
+        e.add_argument(flag, type=float if flag == "--knn-t" else int, default=None, help=help_)
     m = sub.add_parser(
         "matrix",
+        parents=[common],
         help="run an experiment matrix (configs/matrix_*.yaml); runs already recorded are skipped",
     )
     m.add_argument("matrix", help="matrix YAML file, e.g. configs/matrix_cpu.yaml")
@@ -83,11 +111,37 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command of ``argv``; an input error is one line on stderr and exit code 2
+    (with ``--debug`` or ``OR_CORE_DEBUG=1`` it raises, traceback and all)."""
     args = _parser().parse_args(argv)
+    debug = args.debug or os.environ.get("OR_CORE_DEBUG", "") not in ("", "0")
+    try:
+        return _run(args)
+    except Exception as error:
+        message = input_error_message(error)
+        if message is None or debug:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def input_error_message(error: BaseException) -> str | None:
+    """The one-line message of an error caused by the input, or ``None`` for a bug."""
+    if isinstance(error, InputError):
+        return " ".join(str(error).split("\n"))
+    if isinstance(error, OSError):
+        found = disk_error(error)
+        if found is not None:
+            return str(found)
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from or_core.train import evaluate_dir
 
-        print(json.dumps(evaluate_dir(args.out), indent=2))
+        sizes = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in EVALUATION_FLAGS}
+        print(json.dumps(evaluate_dir(args.out, {k: v for k, v in sizes.items() if v is not None}), indent=2))
         return 0
     if args.command == "matrix":
         from or_core.experiments import run_matrix

@@ -19,14 +19,18 @@ needs), and evaluation streams the test split likewise.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["PretrainConfig", "PROFILES", "PROFILE_METHOD_SETTINGS", "resolve_config", "load_yaml"]
+from or_core.errors import ConfigError, MissingPathError
+
+__all__ = ["PretrainConfig", "PROFILES", "PROFILE_METHOD_SETTINGS", "check_field", "fit_to_data", "resolve_config", "load_yaml"]
 
 
 @dataclass
@@ -74,8 +78,24 @@ class PretrainConfig:
     compile: bool | str = False
     profile: str = "custom"
 
+    def __post_init__(self) -> None:
+        """Check every field's type and range (:func:`check_field`) and the fields together;
+        integral floats (``2.0``) become ints and ints of float fields become floats."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_field(f.name, getattr(self, f.name), "config"))
+        _check_together(self)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> PretrainConfig:
+        """The config of a mapping (a run's ``config.yaml``, a checkpoint's ``config``);
+        unknown keys are a :class:`~or_core.errors.ConfigError` naming them and ``where``."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: expected a mapping of config fields, got {type(values).__name__}")
+        _check_keys(values, where)
+        return cls(**values)
 
 
 #: The profiles. ``ci`` is a smoke scale (seconds per run: what the notebooks run in CI; its
@@ -192,11 +212,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML file; unknown keys are an error naming the valid ones."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise MissingPathError(f"config file not found: {path}; check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f", line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(error, 'problem', error)}); fix the file") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of config fields (field: value), got {type(data).__name__}")
     _check_keys(data, str(path))
+    for key, value in data.items():
+        check_field(key, value, str(path))
     return data
 
 
@@ -204,7 +231,7 @@ def _check_keys(values: dict[str, Any], where: str) -> None:
     valid = {f.name for f in dataclasses.fields(PretrainConfig)}
     unknown = sorted(set(values) - valid)
     if unknown:
-        raise ValueError(f"{where}: unknown config field(s) {unknown}; valid fields: {sorted(valid)}")
+        raise ConfigError(f"{where}: unknown config field(s) {unknown}; valid fields: {sorted(valid)}")
 
 
 def resolve_config(
@@ -221,33 +248,188 @@ def resolve_config(
     values: dict[str, Any] = {}
     from_file = load_yaml(config_file) if config_file is not None else {}
     clean = {k: v for k, v in (overrides or {}).items() if v is not None}
-    _check_keys(clean, "overrides")
+    _check_keys(clean, "flags/overrides")
+    for key, value in clean.items():
+        check_field(key, value, "flags/overrides")
     if profile is not None:
         if profile not in PROFILES:
-            raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+            raise ConfigError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
         values = _merge(values, {**PROFILES[profile], "profile": profile})
         method = clean.get("method", from_file.get("method", PretrainConfig.method))
         values = _merge(values, PROFILE_METHOD_SETTINGS.get(profile, {}).get(method, {}))
     values = _merge(_merge(values, from_file), clean)
-    return PretrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    return PretrainConfig(**values)
 
 
-_NUMBER_FIELDS = {
-    f.name: (float if "float" in str(f.type) else int)
-    for f in dataclasses.fields(PretrainConfig)
-    if "float" in str(f.type) or str(f.type).startswith("int")
+# ----------------------------------------------------------------------------------------------
+# Sizes that fit the data
+# ----------------------------------------------------------------------------------------------
+#: The largest share of the training images that a clipped validation split takes.
+_MAX_VALIDATION_SHARE = 5  # one fifth
+
+
+def fit_to_data(cfg: PretrainConfig, notify: bool = True) -> PretrainConfig:
+    """``cfg`` with every size that exceeds its data set clipped to what the folder holds.
+
+    A profile's sizes (``subset``, ``val_images``, ``eval_train_subset``, ``eval_test_subset``,
+    ``knn_k``) are written for CIFAR; on a smaller folder they become:
+
+    * ``subset`` + ``val_images`` <= the training images: ``val_images`` at most a fifth of them,
+      ``subset`` the rest (the validation images stay outside the pretraining subset);
+    * ``eval_train_subset`` <= the training images, ``eval_test_subset`` <= the test images;
+    * ``knn_k`` <= the smallest kNN bank (the evaluation and, with validation, the pretraining
+      subset).
+
+    With ``notify``, one line on stderr says what changed. The counts come from the folder
+    (:func:`or_core.data.count_images`); nothing is decoded.
+    """
+    from or_core.data import count_images
+
+    root = os.path.expanduser(cfg.data_root)
+    n_train = count_images(cfg.dataset, "train", root)
+    n_test = count_images(cfg.dataset, "test", root)
+    fitted: dict[str, Any] = {}
+    subset, val = cfg.subset, cfg.val_images
+    if subset is not None:
+        if val and subset + val > n_train:
+            val = min(val, n_train // _MAX_VALIDATION_SHARE) or None
+        subset = min(subset, n_train - (val or 0))
+    fitted.update(subset=subset, val_images=val)
+    if cfg.eval_train_subset is not None:
+        fitted["eval_train_subset"] = min(cfg.eval_train_subset, n_train)
+    if cfg.eval_test_subset is not None:
+        fitted["eval_test_subset"] = min(cfg.eval_test_subset, n_test)
+    banks = [fitted.get("eval_train_subset") or n_train, *([subset] if subset is not None and val else [])]
+    fitted["knn_k"] = min(cfg.knn_k, *banks)
+    changed = {k: (getattr(cfg, k), v) for k, v in fitted.items() if getattr(cfg, k) != v}
+    if not changed:
+        return cfg
+    if notify:
+        what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        print(
+            f"notice: {cfg.dataset} holds {n_train} training and {n_test} test images, fewer than "
+            f"the sizes asked for: {what}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return dataclasses.replace(cfg, **{k: new for k, (_, new) in changed.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Field checks
+# ----------------------------------------------------------------------------------------------
+#: Integer fields and their smallest value; ``None`` allowed for the optional ones.
+_INTEGERS: dict[str, tuple[int, bool]] = {
+    "epochs": (1, False),
+    "batch_size": (1, False),
+    "augment_batches": (1, False),
+    "knn_k": (1, False),
+    "linear_epochs": (1, False),
+    "seed": (0, False),
+    "image_size": (1, True),
+    "subset": (1, True),
+    "decode_size": (1, True),
+    "num_workers": (0, True),
+    "warmup_epochs": (0, True),
+    "eval_train_subset": (1, True),
+    "eval_test_subset": (1, True),
+    "val_images": (0, True),
 }
+#: Float fields: (bound, strictly above it, optional).
+_FLOATS: dict[str, tuple[float, bool, bool]] = {
+    "width": (0.0, True, False),
+    "knn_t": (0.0, True, False),
+    "gamma": (0.0, False, True),
+    "lr": (0.0, True, True),
+    "weight_decay": (0.0, False, True),
+}
+_BOOLEANS = ("stream", "amp", "channels_last")
+_STRINGS = ("method", "regularizer", "backbone", "dataset", "data_root", "device", "profile")
+_MAPPINGS = ("method_kwargs", "augment_overrides")
+_OPTIMIZERS = ("lars", "sgd", "adamw")
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Numbers written as strings become numbers: YAML 1.1 reads ``5e-4`` as the string "5e-4"."""
-    kind = _NUMBER_FIELDS.get(key)
-    if kind is None or not isinstance(value, str):
+def _number(key: str, value: Any, where: str, kind: str) -> float:
+    """``value`` as a number: YAML 1.1 reads ``5e-4`` as the string "5e-4"; booleans are no numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
-    try:
-        return kind(float(value)) if kind is int and float(value).is_integer() else kind(value)
-    except ValueError:
-        raise ValueError(f"config field {key!r} must be a number, got {value!r}") from None
+    example = "5" if kind.startswith("an integer") else "1e-4"
+    raise ConfigError(f"{where}: field {key!r} must be {kind}, got {value!r}; write a number such as {example}")
+
+
+def check_field(key: str, value: Any, where: str = "config") -> Any:
+    """``value`` checked for the type and range of config field ``key``, normalized (numbers
+    written as strings, integral floats of integer fields, ints of float fields).
+
+    Raises:
+        ConfigError: naming ``where``, the field, the value and what it must be.
+    """
+    if key in _INTEGERS:
+        low, optional = _INTEGERS[key]
+        if value is None and optional:
+            return None
+        kind = f"an integer >= {low}"
+        number = _number(key, value, where, kind)
+        if not float(number).is_integer() or number < low:
+            raise ConfigError(f"{where}: field {key!r} must be {kind}, got {value!r}")
+        return int(number)
+    if key in _FLOATS:
+        bound, strict, optional = _FLOATS[key]
+        if value is None and optional:
+            return None
+        kind = f"a number {'>' if strict else '>='} {bound:g}"
+        number = float(_number(key, value, where, kind))
+        if not math.isfinite(number) or number < bound or (strict and number == bound):
+            raise ConfigError(f"{where}: field {key!r} must be {kind}, got {value!r}")
+        return number
+    if key in _BOOLEANS:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: field {key!r} must be true or false (unquoted), got {value!r}")
+        return value
+    if key in _STRINGS:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+        return value
+    if key in _MAPPINGS:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: field {key!r} must be a mapping of names to values, got {value!r}")
+        return dict(value)
+    if key == "optimizer":
+        if value is not None and value not in _OPTIMIZERS:
+            raise ConfigError(f"{where}: field 'optimizer' must be one of {', '.join(_OPTIMIZERS)}, got {value!r}")
+        return value
+    if key == "compile":
+        from or_core.compiling import COMPILE_MODES
+
+        if not isinstance(value, bool) and value not in ("none", *COMPILE_MODES):
+            raise ConfigError(
+                f"{where}: field 'compile' must be true, false or one of none, {', '.join(COMPILE_MODES)}, got {value!r}"
+            )
+        return value
+    return value
+
+
+def _check_together(cfg: PretrainConfig) -> None:
+    """Names that must be registered and fields that only make sense together."""
+    from or_core.backbones import BACKBONE_NAMES
+    from or_core.methods import REGULARIZERS, available_methods
+
+    if cfg.method not in available_methods():
+        raise ConfigError(f"unknown method {cfg.method!r}; valid methods: {', '.join(available_methods())}")
+    if cfg.regularizer not in REGULARIZERS:
+        raise ConfigError(f"unknown regularizer {cfg.regularizer!r}; valid regularizers: {', '.join(REGULARIZERS)}")
+    if cfg.backbone not in BACKBONE_NAMES:
+        raise ConfigError(f"unknown backbone {cfg.backbone!r}; valid backbones: {', '.join(BACKBONE_NAMES)}")
+    if cfg.regularizer == "none" and cfg.gamma is not None:
+        raise ConfigError(
+            f"gamma {cfg.gamma:g} is set but the regularizer is none: choose a regularizer "
+            f"({', '.join(r for r in REGULARIZERS if r != 'none')}) or drop gamma"
+        )
 
 
 def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

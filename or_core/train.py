@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import inspect
 import json
 import math
 import os
 import platform
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -45,18 +47,22 @@ from tqdm.auto import tqdm
 from or_core import distributed
 from or_core.augment import MultiViewAugment, method_views
 from or_core.backbones import build_backbone
-from or_core.checkpoint import load_checkpoint, save_atomic
+from or_core.checkpoint import load_checkpoint, save_atomic, write_text_atomic
 from or_core.compiling import compile_encoders, compile_mode
-from or_core.config import PretrainConfig
+from or_core.config import PretrainConfig, fit_to_data
 from or_core.data import ImageTensors, batches, load_holdout, load_split, load_split_at_most, resolve_dataset, streaming_loader
+from or_core.errors import ConfigError, DataError, InputError, MissingPathError
 from or_core.diagnostics import effective_rank, rankme, std_of_l2_normalized
 from or_core.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from or_core.lars import LARS
-from or_core.methods import SSLMethod, build_method
+from or_core.methods import SSLMethod, build_method, method_class
 from or_core.orthogonality import regularized_weights, so_penalty
 from or_core.records import git_commit
 
 __all__ = ["NonFiniteLossError", "RunConfigMismatchError", "Run", "build_run", "step_views", "optimization_step", "training_step", "evaluate_dir", "evaluate_run", "pretrain", "read_metrics"]
+
+#: The config fields that ``evaluate`` may change: they decide how, not what, was trained.
+EVALUATION_FIELDS = ("eval_train_subset", "eval_test_subset", "val_images", "linear_epochs", "knn_k", "knn_t")
 
 CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE = (
     "config.yaml",
@@ -66,12 +72,13 @@ CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE = (
 )
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+class NonFiniteLossError(InputError, FloatingPointError):
+    """The loss or the weights became NaN or infinite (a learning rate too high, most often);
+    nothing of the diverged step is saved, the last good checkpoint (if any) is left untouched."""
 
 
-class RunConfigMismatchError(ValueError):
-    """``--out`` already holds a run made with a different configuration."""
+class RunConfigMismatchError(InputError, ValueError):
+    """``--out`` already holds a checkpoint made with a different configuration."""
 
 
 def select_device(name: str) -> torch.device:
@@ -138,9 +145,9 @@ def _training_data(cfg: PretrainConfig, root: Path) -> tuple[ImageTensors | None
         train = load_split(cfg.dataset, "train", root, cfg.image_size, cfg.subset, cfg.seed)
         return train, None, len(train), cfg.image_size or int(train.images.shape[-1])
     if cfg.image_size is None:
-        raise ValueError("stream: true needs image_size (the side of the training views)")
+        raise ConfigError("stream: true needs image_size (the side of the training views): set image_size")
     if cfg.subset is not None:
-        raise ValueError("stream: true reads the whole training folder; subset needs the resident cache")
+        raise ConfigError("stream: true reads the whole training folder: drop subset, or set stream: false")
     source = resolve_dataset(cfg.dataset, root)
     loader = streaming_loader(  # each process decodes only its rows of every global batch
         source.root, cfg.decode_size or cfg.image_size, cfg.batch_size, cfg.num_workers,
@@ -171,6 +178,17 @@ def build_optimizer(method: SSLMethod, cfg: PretrainConfig) -> torch.optim.Optim
     raise ValueError(f"unknown optimizer {name!r}; valid optimizers: lars, sgd, adamw")
 
 
+def _check_method_kwargs(cfg: PretrainConfig) -> None:
+    """``method_kwargs`` must be arguments of the method's constructor (named in the error)."""
+    parameters = inspect.signature(method_class(cfg.method).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    valid = sorted(set(parameters) - {"self", "backbone", "feature_dim", "regularizer", "gamma"})
+    unknown = sorted(set(cfg.method_kwargs) - set(valid))
+    if unknown:
+        raise ConfigError(f"method_kwargs: {cfg.method} takes no {unknown}; valid: {', '.join(valid)}")
+
+
 def build_run(cfg: PretrainConfig) -> Run:
     """Data, backbone, method (with its OR switch), augmentation, optimizer and schedule.
 
@@ -181,7 +199,8 @@ def build_run(cfg: PretrainConfig) -> Run:
     device = distributed.local_device(select_device(cfg.device))
     distributed.check_batch_size(cfg.batch_size)
     if cfg.augment_batches < 1:
-        raise ValueError(f"augment_batches is a number of batches, at least 1; got {cfg.augment_batches}")
+        raise ConfigError(f"augment_batches is a number of batches, at least 1; got {cfg.augment_batches}")
+    _check_method_kwargs(cfg)
     mode = compile_mode(cfg.compile)  # validated before any data is loaded
     if mode is not None and distributed.world_size() > 1:
         warnings.warn(
@@ -193,7 +212,10 @@ def build_run(cfg: PretrainConfig) -> Run:
     data_root = Path(os.path.expanduser(cfg.data_root))
     train, loader, train_size, image_size = _training_data(cfg, data_root)
     if train_size < cfg.batch_size:
-        raise ValueError(f"the training set has {train_size} images, fewer than one batch of {cfg.batch_size}")
+        raise DataError(
+            f"the training set has {train_size} images, fewer than one batch of {cfg.batch_size}: "
+            f"lower batch_size (--batch-size)"
+        )
     # Seeded after loading: decoding a split the first time draws from the global RNG
     # (DataLoader workers), which must not change the initial weights.
     torch.manual_seed(cfg.seed)
@@ -211,6 +233,10 @@ def build_run(cfg: PretrainConfig) -> Run:
     module = distributed.wrap_method(method, device)
     views = method_views(method.augmentation, image_size, n_local_views=method.num_local_views)
     if cfg.augment_overrides:  # e.g. {"min_scale": 0.2}, on the global (full-size) views only
+        unknown = sorted(set(cfg.augment_overrides) - {f.name for f in dataclasses.fields(views[0])})
+        if unknown:
+            valid = sorted(f.name for f in dataclasses.fields(views[0]) if f.name != "size")
+            raise ConfigError(f"augment_overrides: unknown view field(s) {unknown}; valid: {', '.join(valid)}")
         views = [dataclasses.replace(v, **cfg.augment_overrides) if v.size == image_size else v for v in views]
     augment = MultiViewAugment(views)
     optimizer = build_optimizer(method, cfg)
@@ -231,35 +257,44 @@ def build_run(cfg: PretrainConfig) -> Run:
 # ----------------------------------------------------------------------------------------------
 # The run directory
 # ----------------------------------------------------------------------------------------------
-def _prepare_run_dir(cfg: PretrainConfig, out: Path, write: bool = True) -> None:
-    """Write ``config.yaml`` (atomically), or check that the one there describes the same run.
+def _prepare_run_dir(cfg: PretrainConfig, out: Path, state: dict[str, Any] | None, write: bool = True) -> None:
+    """Check that the checkpoint in ``out`` (if any) was made with ``cfg``, then write
+    ``config.yaml`` (atomically; ranks other than 0 pass ``write=False``).
 
-    With ``write=False`` (ranks other than 0) only an existing ``config.yaml`` is checked.
+    The checkpoint's own config is the reference, not ``config.yaml``: a directory whose
+    ``config.yaml`` is missing cannot mix two configurations, and a first attempt that failed
+    before its first epoch (no checkpoint) does not block the corrected command.
     """
-    if write:
-        out.mkdir(parents=True, exist_ok=True)
-    path = out / CONFIG_FILE
-    current = cfg.to_dict()
-    if path.is_file():
-        saved = yaml.safe_load(path.read_text()) or {}
-        differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        if differing:
+    if state is not None:
+        saved = state.get("config")
+        if not isinstance(saved, dict):
             raise RunConfigMismatchError(
-                f"{out} holds a run with a different configuration (fields {differing}); "
+                f"{out / CHECKPOINT_FILE} holds no config (written by an older version?): "
                 f"use another --out, or delete {out} to start over"
             )
-        return
+        current = cfg.to_dict()
+        differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if differing:
+            shown = "; ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in differing[:4])
+            raise RunConfigMismatchError(
+                f"{out} holds a checkpoint of a different configuration ({shown}): use another "
+                f"--out, or delete {out} to start over"
+            )
     if write:
-        tmp = out / f".{CONFIG_FILE}.tmp"
-        tmp.write_text(yaml.safe_dump(current, sort_keys=False))
-        os.replace(tmp, path)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _remove_partial_writes(out: Path) -> None:
+    """Delete the temporary files (``.<name>.*tmp``) a killed write left in the run directory."""
+    for tmp in out.glob(".*tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite ``metrics.jsonl`` from the history held in the checkpoint (atomic)."""
-    tmp = out / f".{METRICS_FILE}.tmp"
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in history))
-    os.replace(tmp, out / METRICS_FILE)
+    write_text_atomic(out / METRICS_FILE, "".join(json.dumps(line) + "\n" for line in history))
 
 
 def read_metrics(out: str | Path) -> list[dict[str, Any]]:
@@ -318,8 +353,9 @@ def _epoch_order(cfg: PretrainConfig, epoch: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def _probe_batch_stats(run: Run, probe: torch.Tensor) -> dict[str, float]:
+def _probe_batch_stats(run: Run, probe: torch.Tensor, when: str = "") -> dict[str, float]:
     feats = extract_features(run.method.backbone, probe, run.mean, run.std, device=run.device, amp=run.cfg.amp)
+    require_finite(feats, f"the features of the probe batch {when}".rstrip())
     return {"effective_rank": effective_rank(feats), "std_of_l2_normalized": std_of_l2_normalized(feats).item()}
 
 
@@ -411,16 +447,48 @@ def _raise_non_finite(losses: list[torch.Tensor], first_step: int, epoch: int) -
     bad = _first_bad(losses, first_step)
     if bad is not None:
         raise NonFiniteLossError(
-            f"non-finite loss {bad[1]} at step {bad[0]} (epoch {epoch + 1}); stopped without "
-            f"saving: the last good checkpoint (epoch {epoch}) is kept"
+            f"non-finite loss {bad[1]} at step {bad[0]} (epoch {epoch + 1}): training diverged, "
+            f"lower the learning rate (--lr) and start again"
         )
+
+
+def check_finite_weights(method: nn.Module, when: str) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first parameter or buffer of ``method``
+    with a NaN or infinite value (one wait for the device, whatever the number of tensors)."""
+    tensors = [(n, t) for n, t in [*method.named_parameters(), *method.named_buffers()] if t.is_floating_point()]
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])
+    if bool(finite.all()):
+        return
+    name = tensors[int(torch.nonzero(~finite)[0])][0]
+    raise NonFiniteLossError(
+        f"non-finite weights ({name}) {when}: training diverged, lower the learning rate (--lr) and start again"
+    )
+
+
+def require_finite(features: torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteLossError` if ``features`` hold a NaN or infinite value: weights
+    that are finite yet so large that the forward overflows."""
+    if not bool(torch.isfinite(features).all()):
+        raise NonFiniteLossError(
+            f"non-finite values in {what}: training diverged, lower the learning rate (--lr) and start again"
+        )
+
+
+def _what_is_kept(out: Path, epoch: int, main: bool) -> str:
+    """What a stopped run leaves: the last good checkpoint, if one exists."""
+    if main and epoch > 0 and (out / CHECKPOINT_FILE).is_file():
+        return f"nothing of epoch {epoch + 1} was saved: the last good checkpoint (epoch {epoch}) is kept"
+    return "nothing was saved (no checkpoint yet)"
 
 
 def train_epoch(run: Run, epoch: int, step: int, augment_rng: torch.Generator, bar: tqdm | None) -> tuple[dict, int]:
     """One epoch of training; returns the epoch's mean losses and the new global step.
 
-    Losses are checked for NaN/inf every step on the CPU and every 50 steps on CUDA (each
-    check waits for the device); the error names the first bad step.
+    Every step's loss is checked for NaN/inf: on the CPU as it is computed, on CUDA in groups
+    of 50 steps (reading a result waits for the device). The error names the first bad step;
+    the epoch's checkpoint is written only after its last check has passed.
     """
     cfg = run.cfg
     total_steps = cfg.epochs * run.steps_per_epoch
@@ -465,6 +533,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, stop_a
     """
     owns_process_group = distributed.init_process_group(select_device(cfg.device))
     try:
+        cfg = fit_to_data(cfg, notify=distributed.is_main_process())
         return _pretrain(cfg, Path(out), progress, stop_after_epochs)
     finally:
         if owns_process_group:
@@ -473,11 +542,13 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, stop_a
 
 def _pretrain(cfg: PretrainConfig, out: Path, progress: bool, stop_after_epochs: int | None) -> dict[str, Any]:
     main = distributed.is_main_process()
-    _prepare_run_dir(cfg, out, write=main)
+    if main and out.is_dir():
+        _remove_partial_writes(out)
+    state = load_checkpoint(out / CHECKPOINT_FILE)
+    _prepare_run_dir(cfg, out, state, write=main)
     summary_path = out / SUMMARY_FILE
     run = build_run(cfg)
     augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
-    state = load_checkpoint(out / CHECKPOINT_FILE)
     epoch, step, history, wall = 0, 0, [], 0.0
     if state is not None:
         _restore(run, state, augment_rng)
@@ -486,6 +557,9 @@ def _pretrain(cfg: PretrainConfig, out: Path, progress: bool, stop_after_epochs:
             _write_metrics(out, history)
         if epoch >= cfg.epochs and summary_path.is_file():
             return json.loads(summary_path.read_text())
+        if main:
+            where = f"epoch {epoch} of {cfg.epochs} (step {step})" if epoch < cfg.epochs else "its final checkpoint (evaluation)"
+            print(f"resuming {out} from {where}", file=sys.stderr, flush=True)
     # the fixed test batch whose statistics metrics.jsonl records every epoch
     probe = load_split_at_most(cfg.dataset, "test", Path(os.path.expanduser(cfg.data_root)), cfg.image_size, 512, cfg.seed).images
     bar = tqdm(total=cfg.epochs * run.steps_per_epoch, initial=step, disable=not (progress and main), desc=f"{cfg.method}+{cfg.regularizer}")
@@ -495,7 +569,13 @@ def _pretrain(cfg: PretrainConfig, out: Path, progress: bool, stop_after_epochs:
             if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
                 return {"epoch": epoch, "finished": False}
             start = time.perf_counter()
-            means, step = train_epoch(run, epoch, step, augment_rng, bar)
+            try:
+                means, step = train_epoch(run, epoch, step, augment_rng, bar)
+                when = f"after epoch {epoch + 1} (step {step})"
+                check_finite_weights(run.method, when)
+                probe_stats = _probe_batch_stats(run, probe, when)
+            except NonFiniteLossError as error:
+                raise NonFiniteLossError(f"{error}; {_what_is_kept(out, epoch, main)}") from None
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
@@ -509,7 +589,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, progress: bool, stop_after_epochs:
                 "lr": run.optimizer.param_groups[0]["lr"],
                 "images_per_s": run.steps_per_epoch * cfg.batch_size / seconds,
                 "epoch_time_s": seconds,
-                **_probe_batch_stats(run, probe),
+                **probe_stats,
             }
             history.append(line)
             if main:
@@ -521,6 +601,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, progress: bool, stop_after_epochs:
         bar.close()
     if not main:
         return {"epoch": epoch, "finished": True, "rank": distributed.rank()}
+    check_finite_weights(run.method, "before the evaluation")
     summary = evaluate_run(run, history, wall)
     _write_summary(out, summary)
     return summary
@@ -536,6 +617,8 @@ def evaluate_run(run: Run, history: list[dict[str, Any]], wall: float) -> dict[s
     backbone = run.method.backbone
     train_feats, train_labels, num_classes = _split_features(run, root, "train", cfg.eval_train_subset)
     test_feats, test_labels, _ = _split_features(run, root, "test", cfg.eval_test_subset)
+    require_finite(train_feats, "the features of the evaluation's training images")
+    require_finite(test_feats, "the features of the evaluation's test images")
     knn = knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, cfg.knn_k, cfg.knn_t)
     linear = linear_probe_accuracy(
         train_feats, train_labels, test_feats, test_labels, num_classes, epochs=cfg.linear_epochs, seed=cfg.seed
@@ -620,18 +703,33 @@ def _validation_knn(run: Run, root: Path) -> dict[str, float] | None:
     )
 
 
-def evaluate_dir(out: str | Path) -> dict[str, Any]:
-    """Re-evaluate the last checkpoint of the run in ``out`` and rewrite its ``summary.json``."""
+def evaluate_dir(out: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Re-evaluate the last checkpoint of the run in ``out`` and rewrite its ``summary.json``.
+
+    The run's config is the checkpoint's own (``config.yaml`` only for checkpoints without
+    one); ``overrides`` change its evaluation fields (``eval_train_subset``,
+    ``eval_test_subset``, ``val_images``, ``linear_epochs``, ``knn_k``, ``knn_t``), and sizes
+    larger than the data are clipped to it (:func:`or_core.config.fit_to_data`).
+    """
     out = Path(out)
-    config_path = out / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{out} is not a run directory: {config_path} is missing")
-    cfg = PretrainConfig(**(yaml.safe_load(config_path.read_text()) or {}))
+    if not out.is_dir():
+        raise MissingPathError(f"run directory not found: {out}")
     state = load_checkpoint(out / CHECKPOINT_FILE)
     if state is None:
-        raise FileNotFoundError(f"{out} has no {CHECKPOINT_FILE} to evaluate")
+        raise MissingPathError(f"{out} has no {CHECKPOINT_FILE} to evaluate: train it first (python -m or_core pretrain --out {out})")
+    saved = state.get("config")
+    if saved is None and (out / CONFIG_FILE).is_file():
+        saved = yaml.safe_load((out / CONFIG_FILE).read_text())
+    if saved is None:
+        raise MissingPathError(f"{out} holds neither a checkpoint config nor {CONFIG_FILE}")
+    overrides = dict(overrides or {})
+    not_evaluation = sorted(set(overrides) - set(EVALUATION_FIELDS))
+    if not_evaluation:
+        raise ConfigError(f"evaluate changes only {', '.join(EVALUATION_FIELDS)}; not {not_evaluation}")
+    cfg = fit_to_data(PretrainConfig.from_dict({**saved, **overrides}, str(out / CHECKPOINT_FILE)))
     run = build_run(cfg)
     run.method.load_state_dict(state["method"])
+    check_finite_weights(run.method, f"in {out / CHECKPOINT_FILE} (epoch {state['epoch']})")
     summary = evaluate_run(run, state["history"], state["train_wall_time_s"])
     summary["evaluated_epoch"] = state["epoch"]
     _write_summary(out, summary)
@@ -639,7 +737,5 @@ def evaluate_dir(out: str | Path) -> dict[str, Any]:
 
 
 def _write_summary(out: Path, summary: dict[str, Any]) -> None:
-    """Write ``summary.json`` atomically (temporary file, then rename)."""
-    tmp = out / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / SUMMARY_FILE)
+    """Write ``summary.json`` atomically (temporary file, fsync, rename)."""
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")

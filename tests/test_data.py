@@ -19,6 +19,7 @@ from PIL import Image
 import or_core.data as data
 from or_core.data import (
     CorruptImageError,
+    DataError,
     ImageTensors,
     balanced_subset,
     batches,
@@ -222,8 +223,59 @@ def test_empty_folders_are_named(tmp_path: Path):
         load_split(tmp_path / "empty", "train", cache_dir=tmp_path)
     (tmp_path / "empty" / "train" / "cat").mkdir()
     (tmp_path / "empty" / "train" / "cat" / "notes.txt").write_text("no image")
-    with pytest.raises(FileNotFoundError, match="no image in .*empty/train"):
+    with pytest.raises(DataError, match="no image in .*empty/train"):
         load_split(tmp_path / "empty", "train", cache_dir=tmp_path)
+
+
+def test_an_extra_or_missing_class_folder_in_the_test_split_is_named(cifar10_dir: Path, tmp_path: Path):
+    # An empty extra folder sorting before the others would shift every test label by one.
+    root = _copy_tree(cifar10_dir, tmp_path / "tree")
+    (root / "test" / "aardvark").mkdir()
+    with pytest.raises(DataError, match=r"test: class folder\(s\) \['aardvark'\] not in the training split"):
+        load_split(root, "test", cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match="aardvark"):
+        streaming_loader(root, 32, 4, num_workers=0, split="test")
+    (root / "test" / "aardvark").rmdir()
+    shutil.rmtree(root / "test" / "bird")
+    with pytest.raises(DataError, match=r"no folder for training class\(es\) \['bird'\]"):
+        load_split(root, "test", cache_dir=tmp_path / "cache")
+
+
+def test_an_empty_class_folder_is_named(cifar10_dir: Path, tmp_path: Path):
+    root = _copy_tree(cifar10_dir, tmp_path / "tree")
+    (root / "train" / "aardvark").mkdir()
+    with pytest.raises(DataError, match=r"class folder\(s\) \['aardvark'\] of .*train hold no image"):
+        load_split(root, "train", cache_dir=tmp_path / "cache")
+
+
+def test_a_changed_training_folder_is_noticed_by_a_cached_test_split(cifar10_dir: Path, tmp_path: Path):
+    root = _copy_tree(cifar10_dir, tmp_path / "tree")
+    assert load_split(root, "test", cache_dir=tmp_path / "cache").classes == CIFAR10_CLASSES[:3]
+    (root / "train" / "aardvark").mkdir()  # after the test split was cached
+    shutil.copy(next((root / "train" / "bird").iterdir()), root / "train" / "aardvark" / "a.jpg")
+    with pytest.raises(DataError, match=r"no folder for training class\(es\) \['aardvark'\]"):
+        load_split(root, "test", cache_dir=tmp_path / "cache")
+
+
+def test_the_cache_is_keyed_by_the_folder_contents_not_its_path(cifar10_dir: Path, tmp_path: Path):
+    root = _copy_tree(cifar10_dir, tmp_path / "tree")
+    cache = tmp_path / "cache"
+    first = load_split(root, "train", cache_dir=cache)
+    assert len(first) == 12
+    # a file removed, one added, one rewritten under the same name: each is decoded anew
+    victim = sorted((root / "train" / "bird").iterdir())[0]
+    victim.unlink()
+    assert len(load_split(root, "train", cache_dir=cache)) == 11
+    shutil.copy(sorted((cifar10_dir / "train" / "bird").iterdir())[0], root / "train" / "bird" / "new.jpg")
+    added = load_split(root, "train", cache_dir=cache)
+    assert len(added) == 12 and "bird/new.jpg" in added.files
+    target = sorted((root / "train" / "automobile").iterdir())[0]
+    replacement = sorted((cifar10_dir / "train" / "automobile").iterdir())[0]
+    target.write_bytes(replacement.read_bytes())
+    rewritten = load_split(root, "train", cache_dir=cache)
+    row = rewritten.files.index(target.relative_to(root / "train").as_posix())
+    assert torch.equal(rewritten.images[row], _pil_pixels(replacement))
+    assert len(list((cache / "tensors").iterdir())) == 4  # one cache file per content
 
 
 @pytest.fixture()
@@ -273,7 +325,7 @@ def test_failed_download_explains_the_offline_layout(monkeypatch, tmp_path: Path
         raise OSError("Name or service not known")
 
     monkeypatch.setattr("torchvision.datasets.CIFAR100", offline)
-    with pytest.raises(RuntimeError, match=re.escape(str(tmp_path / "cifar100")) + "/train"):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "cifar100")) + "/train"):
         load_split("cifar100", "train", root=tmp_path, cache_dir=tmp_path)
 
 

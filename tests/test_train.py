@@ -156,7 +156,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
         return out
 
     monkeypatch.setattr(SSLMethod, "training_loss", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 12 \(epoch 2\)"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 12 \(epoch 2\).*the last good checkpoint \(epoch 1\) is kept"):
         pretrain(cfg, tmp_path, progress=False)
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
     assert not (tmp_path / "summary.json").exists()
@@ -174,9 +174,13 @@ def test_clear_errors(data_root: Path, tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
     with pytest.raises(ValueError, match="unknown config field.*epochz"):
         resolve_config("cpu", tmp_path / "bad.yaml")
-    cfg = tiny(data_root, epochs=1)
-    pretrain(cfg, tmp_path / "run", progress=False, stop_after_epochs=0)
-    with pytest.raises(RunConfigMismatchError, match="epochs"):
+    cfg = tiny(data_root, epochs=3)
+    pretrain(cfg, tmp_path / "run", progress=False, stop_after_epochs=1)
+    with pytest.raises(RunConfigMismatchError, match="epochs: 3 there, 2 now"):
+        pretrain(tiny(data_root, epochs=2), tmp_path / "run", progress=False)
+    # the checkpoint's own config decides, not config.yaml
+    (tmp_path / "run" / "config.yaml").unlink()
+    with pytest.raises(RunConfigMismatchError, match="epochs: 3 there, 2 now"):
         pretrain(tiny(data_root, epochs=2), tmp_path / "run", progress=False)
 
 
