@@ -25,6 +25,10 @@ the gamma choice and provenance. Runs already recorded are skipped, so the one c
 starts and resumes the matrix::
 
     python -m or_core matrix configs/matrix_cpu.yaml --jobs 2
+
+The whole file is checked before anything runs (every run's config, each bad entry named by
+its number in ``runs:``), and a run that fails does not stop the others: the failures are
+listed at the end (:class:`MatrixRunsFailed`) and the same command runs them again.
 """
 
 from __future__ import annotations
@@ -36,8 +40,11 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,17 +53,45 @@ import torch
 import yaml
 
 from or_core.checkpoint import load_checkpoint
-from or_core.config import PretrainConfig, resolve_config
+from or_core.config import PROFILES, PretrainConfig, check_field, resolve_config
 from or_core.data import load_split, load_split_at_most
+from or_core.errors import ConfigError, InputError, MissingPathError
 from or_core.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+from or_core.orthogonality import DEFAULT_GAMMA
 from or_core.records import collapse_spectra, load_records, provenance, scale_of, write_record
 from or_core.train import CHECKPOINT_FILE, build_run, pretrain, read_metrics
 
-__all__ = ["Experiment", "Matrix", "load_matrix", "run_name", "choose_gamma", "resolve_chosen", "run_experiment", "run_matrix"]
+__all__ = [
+    "Experiment", "Matrix", "GammaNotChosen", "MatrixRunsFailed", "load_matrix", "run_name", "choose_gamma",
+    "resolve_chosen", "run_experiment", "run_matrix",
+]
 
 CHOSEN = "chosen"
 #: Keys of a matrix entry that are not config fields.
 ENTRY_KEYS = ("group", "transfer", "outside_paper_grid", "note")
+#: Top-level keys of a matrix file.
+MATRIX_KEYS = ("name", "profile", "results", "base", "choose_gamma", "runs")
+#: Keys of a matrix file's ``choose_gamma`` block; ``metric`` is optional.
+CHOOSE_KEYS = ("method", "dataset", "metric", "grids")
+#: Lines of a worker's stderr kept to name its error once it has failed.
+WORKER_TAIL_LINES = 40
+#: How a failed run is reported on stderr, live and in the final list; a parent process reads
+#: its workers' failures back from this line.
+FAILED_LINE = "[matrix] failed: {name}: {message}"
+
+
+class GammaNotChosen(InputError, RuntimeError):
+    """A ``gamma: chosen`` run whose gamma cannot be chosen: the grid's runs are not all
+    recorded (not run yet, left out by ``--groups``, or failed)."""
+
+
+class MatrixRunsFailed(InputError):
+    """Some runs of a matrix failed; the others ran and are recorded. ``failures`` maps each
+    failed run's name to its one-line error."""
+
+    def __init__(self, message: str, failures: dict[str, str]) -> None:
+        super().__init__(message)
+        self.failures = failures
 
 
 @dataclass(frozen=True)
@@ -129,28 +164,235 @@ def _expand(entry: dict[str, Any], base: dict[str, Any]) -> list[tuple[dict[str,
     return out
 
 
-def load_matrix(path: str | Path, results: str | Path | None = None) -> Matrix:
-    """Parse a matrix file; identical runs named by several entries are merged (their groups
-    and transfer sets joined). Unknown config fields are an error naming the entry."""
-    path = Path(path)
+def _kind(value: Any) -> str:
+    """What a YAML value is, in YAML's words: ``a mapping``, ``a list``, ``the text 'byol'``."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"the {'text' if isinstance(value, str) else type(value).__name__} {value!r}"
+
+
+def _read_spec(path: Path) -> dict[str, Any]:
+    """The mapping of a matrix file; a missing file, invalid YAML or a top level that is not a
+    mapping is an error naming the file and the fix."""
     if not path.is_file():
-        raise FileNotFoundError(f"matrix file not found: {path}")
-    spec = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(spec) - {"name", "profile", "results", "base", "choose_gamma", "runs"})
+        raise MissingPathError(f"matrix file not found: {path}; check the path (the matrices are configs/matrix_*.yaml)")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise ConfigError(f"{path}{line}: not valid YAML ({problem}); fix the file") from None
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of {', '.join(MATRIX_KEYS)} at the top level, got {_kind(spec)}; "
+            "see configs/matrix_cpu.yaml"
+        )
+    runs = spec.get("runs")
+    if runs is None or runs == []:
+        raise ConfigError(f"{path}: no runs; add a `runs:` list with one `- {{method: ..., dataset: ...}}` item per entry")
+    if not isinstance(runs, list):
+        raise ConfigError(
+            f"{path}: `runs:` must be a list of entries, each a `- ` item such as `- {{method: byol, regularizer: so}}`, "
+            f"got {_kind(runs)}; put a `- ` before each entry"
+        )
+    return spec
+
+
+def _top_problems(spec: dict[str, Any]) -> list[str]:
+    """What is wrong with a matrix file's keys, profile, ``base`` and ``choose_gamma`` block."""
+    problems = []
+    unknown = sorted(set(spec) - set(MATRIX_KEYS), key=str)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}")
+        problems.append(f"unknown keys {unknown}; valid keys: {', '.join(MATRIX_KEYS)}")
+    profile = spec.get("profile", "cpu")
+    if profile not in PROFILES:
+        problems.append(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
     base = spec.get("base") or {}
-    valid = {f.name for f in dataclasses.fields(PretrainConfig)}
+    if not isinstance(base, dict):
+        problems.append(f"`base:` must be a mapping of config fields, got {_kind(base)}")
+    else:
+        problems += _field_problems("base", base, expand=False)
+    choose = spec.get("choose_gamma") or {}
+    if not isinstance(choose, dict):
+        problems.append(f"`choose_gamma:` must be a mapping of {', '.join(CHOOSE_KEYS)}, got {_kind(choose)}")
+    elif choose:
+        problems += _choose_problems(choose)
+    return problems
+
+
+def _choose_problems(choose: dict[str, Any]) -> list[str]:
+    """What is wrong with a ``choose_gamma`` block (its keys, and grids of numbers)."""
+    problems = []
+    unknown = sorted(set(choose) - set(CHOOSE_KEYS), key=str)
+    if unknown:
+        problems.append(f"choose_gamma: unknown keys {unknown}; valid keys: {', '.join(CHOOSE_KEYS)}")
+    for key in ("method", "dataset"):
+        if not isinstance(choose.get(key), str):
+            problems.append(f"choose_gamma: {key!r} must name the {key} of the grid's runs, got {choose.get(key)!r}")
+    grids = choose.get("grids")
+    if not isinstance(grids, dict) or not grids:
+        return [*problems, f"choose_gamma: 'grids' must map regularizers to lists of gammas, got {grids!r}"]
+    for regularizer, grid in grids.items():
+        if not isinstance(grid, list) or not grid:
+            problems.append(f"choose_gamma: the grid of {regularizer!r} must be a non-empty list of gammas, got {grid!r}")
+            continue
+        for gamma in grid:
+            try:
+                check_field("gamma", gamma)
+            except ConfigError:
+                problems.append(f"choose_gamma: the grid of {regularizer!r} must hold numbers >= 0, got {gamma!r}")
+    return problems
+
+
+def _field_problems(where: str, fields: dict[str, Any], expand: bool = True) -> list[str]:
+    """Unknown config fields of ``fields`` and values of the wrong type or range (every value
+    of a list, with ``expand``: an entry's lists expand to runs), each as ``where: ...``."""
+    valid = {f.name for f in dataclasses.fields(PretrainConfig)} - {"profile"}
+    extra = set(ENTRY_KEYS) if expand else set()
+    unknown = sorted(set(fields) - valid - extra - {"profile"}, key=str)
+    problems = [f"{where}: unknown fields {unknown}; valid: {sorted(valid | extra)}"] if unknown else []
+    if "profile" in fields:
+        problems.append(f"{where}: 'profile' is the matrix's own (a top-level `profile:`), not a field of runs; move it")
+    for key, value in fields.items():
+        if key not in valid:
+            continue
+        values = value if expand and isinstance(value, list) else [value]
+        if not values:
+            problems.append(f"{where}: field {key!r} is an empty list; give at least one value")
+        for v in values:
+            if key == "gamma" and v == CHOSEN:
+                continue
+            try:
+                check_field(key, v, where)
+            except ConfigError as error:
+                problems.append(str(error))
+    return problems
+
+
+def _extras_problems(where: str, entry: dict[str, Any]) -> list[str]:
+    """What is wrong with an entry's keys that are not config fields."""
+    problems = []
+    if "group" in entry and not isinstance(entry["group"], str):
+        problems.append(f"{where}: 'group' must be one name, got {entry['group']!r}")
+    transfer = entry.get("transfer")
+    if transfer is not None and (not isinstance(transfer, list) or not all(isinstance(t, str) for t in transfer)):
+        problems.append(f"{where}: 'transfer' must be a list of data sets such as [cifar100], got {transfer!r}")
+    if "outside_paper_grid" in entry and not isinstance(entry["outside_paper_grid"], bool):
+        problems.append(f"{where}: 'outside_paper_grid' must be true or false, got {entry['outside_paper_grid']!r}")
+    return problems
+
+
+def _config_problems(where: str, overrides: dict[str, Any], profile: str, grids: dict[str, Any]) -> list[str]:
+    """The config of one expanded run built as :func:`run_experiment` builds it, ``gamma:
+    chosen`` standing in for the first gamma of its regularizer's grid; its problem, if any."""
+    overrides = dict(overrides)
+    if overrides.get("gamma") == CHOSEN:
+        regularizer = overrides.get("regularizer")
+        grid = grids.get(regularizer) if isinstance(regularizer, str) else None
+        if not grid:
+            return [
+                f"{where}: gamma: chosen needs a grid for regularizer {regularizer!r} in choose_gamma.grids "
+                f"(it has {', '.join(map(str, grids)) or 'none'}); add one or give gamma a number"
+            ]
+        overrides["gamma"] = grid[0]
+    try:
+        resolve_config(profile, overrides={**overrides, "profile": profile})
+    except ConfigError as error:
+        return [f"{where}: {error}"]
+    return []
+
+
+def _entry_problems(
+    where: str, entry: Any, base: dict[str, Any], profile: str, grids: dict[str, Any], check_configs: bool
+) -> list[str]:
+    """Every problem of one ``runs:`` entry: its shape, its fields and (with ``check_configs``:
+    the file's profile and base are valid) the configs of the runs it expands to."""
+    if not isinstance(entry, dict):
+        return [f"{where}: expected a mapping of fields such as {{method: byol, regularizer: so}}, got {_kind(entry)}"]
+    problems = [*_field_problems(where, entry), *_extras_problems(where, entry)]
+    if problems or not check_configs:
+        return problems
+    for overrides, _ in _expand(entry, base):
+        problems += [p for p in _config_problems(where, overrides, profile, grids) if p not in problems]
+    return problems
+
+
+def _gamma_of(experiment: Experiment) -> float | None:
+    """The gamma a (regularized, not chosen) run trains with: its own, or the regularizer's default."""
+    gamma = experiment.overrides.get("gamma")
+    return DEFAULT_GAMMA.get(experiment.overrides.get("regularizer")) if gamma is None else float(gamma)
+
+
+def _grid_problems(experiments: Sequence[Experiment], choose: dict[str, Any]) -> list[str]:
+    """``gamma: chosen`` of a regularizer needs every gamma of its grid among the matrix's
+    runs (``choose_gamma``'s method and data set, seed 0, inside the paper's grid)."""
+    problems = []
+    regularizers = dict.fromkeys(e.overrides.get("regularizer") for e in experiments if e.needs_chosen_gamma)
+    for regularizer in regularizers:
+        grid = (choose.get("grids") or {}).get(regularizer) or []
+        have = [
+            _gamma_of(e) for e in experiments
+            if not e.needs_chosen_gamma and not e.outside_paper_grid and e.overrides.get("regularizer") == regularizer
+            and e.overrides.get("method") == choose.get("method") and e.overrides.get("seed") == 0
+            and Path(str(e.overrides.get("dataset"))).name == choose.get("dataset")
+        ]
+        missing = [g for g in grid if not any(h is not None and math.isclose(float(g), h, rel_tol=1e-9) for h in have)]
+        if missing:
+            problems.append(
+                f"choose_gamma: gamma: chosen for {regularizer} needs the grid's runs ({choose.get('method')} on "
+                f"{choose.get('dataset')}, seed 0) with gamma {missing}; add them to runs:"
+            )
+    return problems
+
+
+def load_matrix(path: str | Path, results: str | Path | None = None) -> Matrix:
+    """Parse and validate a matrix file; identical runs named by several entries are merged
+    (their groups and transfer sets joined).
+
+    Every run's config is built as it will be trained (a ``gamma: chosen`` with the first gamma
+    of its grid), so that a bad entry is found before anything runs, not hours later.
+
+    Raises:
+        MissingPathError: the file does not exist.
+        ConfigError: one line naming the file and every problem, each bad entry by its number
+            in ``runs:`` counted from 1, e.g. ``m.yaml (run entries counted from 1): run entry
+            2: field 'epochs' must be an integer >= 1, got 1.7; run entry 5: unknown method ...``.
+    """
+    path = Path(path)
+    spec = _read_spec(path)
+    top = _top_problems(spec)
+    profile = spec.get("profile", "cpu")
+    base = spec.get("base") or {}
+    base = base if isinstance(base, dict) else {}
+    choose = spec.get("choose_gamma") or {}
+    choose = choose if isinstance(choose, dict) else {}
+    grids = choose.get("grids") if isinstance(choose.get("grids"), dict) else {}
+    problems = list(top)
     merged: dict[str, dict[str, Any]] = {}
-    for i, entry in enumerate(spec.get("runs") or []):
-        bad = sorted(set(entry) - valid - set(ENTRY_KEYS))
-        if bad:
-            raise ValueError(f"{path}: run entry {i} has unknown fields {bad}; valid: {sorted(valid)}")
+    for number, entry in enumerate(spec["runs"], start=1):
+        where = f"run entry {number}"
+        # With a bad profile or base every run's config would fail alike: those are named
+        # once, and the entries' own fields are still checked.
+        found = _entry_problems(where, entry, base, profile, grids, check_configs=not top)
+        problems += found
+        if found or top:
+            continue
         for overrides, extras in _expand(entry, base):
             name = run_name(overrides)
-            slot = merged.setdefault(name, {"overrides": overrides, "groups": [], "transfer": [], "outside": False})
+            slot = merged.setdefault(
+                name, {"overrides": overrides, "groups": [], "transfer": [], "outside": False, "entry": number}
+            )
             if slot["overrides"] != overrides:
-                raise ValueError(f"{path}: two entries name run {name} with different settings")
+                problems.append(
+                    f"{where}: run {name} is also named by run entry {slot['entry']} with other settings; "
+                    "make them the same or tell them apart (e.g. by seed)"
+                )
+                continue
             group = extras.get("group", "ungrouped")
             if group not in slot["groups"]:
                 slot["groups"].append(group)
@@ -162,13 +404,17 @@ def load_matrix(path: str | Path, results: str | Path | None = None) -> Matrix:
         Experiment(name, s["overrides"], tuple(s["groups"]), tuple(s["transfer"]), s["outside"])
         for name, s in merged.items()
     ]
+    if not problems:
+        problems = _grid_problems(experiments, choose)
+    if problems:
+        raise ConfigError(f"{path} (run entries counted from 1): " + "; ".join(problems))
     if results is not None:  # given by the caller: relative to the working directory
         results_dir = Path(results)
     else:  # the file's own: relative to the repository that holds configs/
         results_dir = Path(spec.get("results", "results/matrix"))
         if not results_dir.is_absolute() and path.parent.name == "configs":
             results_dir = path.resolve().parents[1] / results_dir
-    return Matrix(path, spec.get("profile", "cpu"), results_dir, base, spec.get("choose_gamma") or {}, experiments)
+    return Matrix(path, profile, results_dir, base, choose, experiments)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +424,8 @@ def choose_gamma(records: Sequence[dict[str, Any]], regularizer: str, choose: di
     """The paper-grid gamma of ``regularizer`` with the best validation metric.
 
     Candidates are the records of ``choose``'s method and data set, seed 0, inside the paper's
-    grid; all of the grid must be recorded. Returns ``{"gamma", "metric", "candidates"}``.
+    grid; all of the grid must be recorded (else :class:`GammaNotChosen`). Returns
+    ``{"gamma", "metric", "candidates"}``.
     """
     grid = [float(g) for g in choose["grids"][regularizer]]
     metric = choose.get("metric", "val_knn_top1")
@@ -194,7 +441,7 @@ def choose_gamma(records: Sequence[dict[str, Any]], regularizer: str, choose: di
                 found[gamma] = summary[metric]
     missing = [g for g in grid if not any(math.isclose(g, f, rel_tol=1e-9) for f in found)]
     if missing:
-        raise RuntimeError(
+        raise GammaNotChosen(
             f"gamma for {regularizer} cannot be chosen yet: no record of {choose['method']} on "
             f"{choose['dataset']} with gamma {missing}; run the grid first"
         )
@@ -295,19 +542,97 @@ def _merge_groups(matrix: Matrix, experiment: Experiment, work_dir: Path) -> Non
     write_record(path, record)
 
 
-def resolve_chosen(matrix: Matrix, experiments: Sequence[Experiment]) -> list[Experiment]:
-    """``experiments`` with every ``gamma: chosen`` replaced by the gamma the records choose."""
+def _resolve_each(
+    matrix: Matrix, experiments: Sequence[Experiment]
+) -> tuple[list[Experiment], list[tuple[Experiment, GammaNotChosen]]]:
+    """``experiments`` with every ``gamma: chosen`` that the records can choose filled in, and
+    the chosen runs whose gamma cannot be chosen yet, each with why (one regularizer's grid
+    missing a record leaves the other regularizers' runs to go on)."""
     records = load_records(matrix.results) if matrix.results.is_dir() else []
-    choices: dict[str, dict[str, Any]] = {}
-    out = []
+    choices: dict[str, dict[str, Any] | GammaNotChosen] = {}
+    resolved, unresolved = [], []
     for e in experiments:
-        if e.needs_chosen_gamma:
-            reg = e.overrides.get("regularizer")
-            if reg not in choices:
+        if not e.needs_chosen_gamma:
+            resolved.append(e)
+            continue
+        reg = e.overrides.get("regularizer")
+        if reg not in choices:
+            try:
                 choices[reg] = choose_gamma(records, reg, matrix.choose)
-            e = e.with_gamma(choices[reg])
-        out.append(e)
-    return out
+            except GammaNotChosen as error:
+                choices[reg] = error
+        choice = choices[reg]
+        if isinstance(choice, GammaNotChosen):
+            unresolved.append((e, choice))
+        else:
+            resolved.append(e.with_gamma(choice))
+    return resolved, unresolved
+
+
+def resolve_chosen(matrix: Matrix, experiments: Sequence[Experiment]) -> list[Experiment]:
+    """``experiments`` with every ``gamma: chosen`` replaced by the gamma the records choose;
+    :class:`GammaNotChosen` if a grid is not all recorded yet."""
+    resolved, unresolved = _resolve_each(matrix, experiments)
+    if unresolved:
+        raise unresolved[0][1]
+    return resolved
+
+
+def _error_line(error: Exception) -> str:
+    """The one-line error of a failed run: the command line's message of an input error; for a
+    bug its type and message, its traceback printed now (the run's own output is next to it)."""
+    from or_core.__main__ import input_error_message  # the command line's rule, in one place
+
+    message = input_error_message(error)
+    if message is None:
+        traceback.print_exception(error)
+        message = " ".join(f"{type(error).__name__}: {error}".split()) + " (a bug: see its traceback above)"
+    return message
+
+
+def _attempt(name: str, work: Callable[[], Any], failed: dict[str, str]) -> bool:
+    """Do ``work`` for run ``name``; if it fails, note its one-line error in ``failed`` (and
+    print it at once) instead of raising, so that the matrix goes on with the other runs."""
+    try:
+        work()
+    except Exception as error:  # one failed run must not stop the others; all are listed at the end
+        _fail(failed, name, _error_line(error))
+        return False
+    return True
+
+
+def _fail(failed: dict[str, str], name: str, message: str) -> None:
+    failed[name] = message
+    print(FAILED_LINE.format(name=name, message=message), file=sys.stderr, flush=True)
+
+
+def _not_chosen(matrix: Matrix, experiment: Experiment, error: GammaNotChosen, failed: dict[str, str]) -> str:
+    """Why a chosen run is not run: its grid's runs that failed in this call, if any, else the
+    records the choice lacks."""
+    reg = experiment.overrides.get("regularizer")
+    grid = {e.name for e in matrix.experiments if not e.needs_chosen_gamma and e.overrides.get("regularizer") == reg}
+    grid_failed = [name for name in failed if name in grid]
+    if grid_failed:
+        return f"not run: its gamma cannot be chosen, as {reg} grid run(s) {', '.join(grid_failed)} failed"
+    return f"not run: {error}"
+
+
+def _raise_failures(failed: dict[str, str], ran: Sequence[str], rerun: bool) -> None:
+    """List each failed run with its error on stderr (each was also printed as it failed: a
+    lone run's line is not repeated), then raise :class:`MatrixRunsFailed`."""
+    if len(failed) + len(ran) > 1:
+        for name, message in failed.items():
+            print(FAILED_LINE.format(name=name, message=message), file=sys.stderr)
+    again = (
+        f"train them again with --rerun --only {' '.join(failed)}" if rerun
+        else "re-run the same command to resume (recorded runs are skipped)"
+    )
+    others = "the others are recorded; " if ran else ""
+    raise MatrixRunsFailed(
+        f"{len(failed)} of {len(failed) + len(ran)} matrix runs failed ({', '.join(failed)}), each listed above with "
+        f"its error; {others}fix the errors and {again}",
+        dict(failed),
+    )
 
 
 def run_matrix(
@@ -323,34 +648,41 @@ def run_matrix(
     """Run every pending experiment of the matrix at ``path``; returns the names it ran (or
     would run, with ``dry_run``).
 
-    Runs that need no chosen gamma go first; then the gamma is chosen from their records and
-    the rest run (a chosen run the grid already made is not trained again: its record gains
-    the group). ``jobs > 1`` trains that many runs at once, each in its own process
-    (``python -m or_core matrix --only NAME``, ``cores / jobs`` torch threads), the next
-    starting when one ends; each phase waits for all of its runs. ``only``
-    restricts the matrix to runs with these names (chosen runs by their resolved names).
-    ``rerun`` trains the selected runs again and overwrites their records (give it a fresh
-    ``work_dir``: a finished run directory is returned as it is).
+    The whole file is validated first (:func:`load_matrix`: every run's config), so a bad entry
+    stops the matrix before anything runs. Runs that need no chosen gamma go first; then the
+    gamma is chosen from their records and the rest run (a chosen run the grid already made
+    is not trained again: its record gains the group). ``jobs > 1`` trains that many runs at
+    once, each in its own process (``python -m or_core matrix --only NAME``, ``cores / jobs``
+    torch threads), the next starting when one ends; each phase waits for all of its runs.
+    ``only`` restricts the matrix to runs with these names (chosen runs by their resolved
+    names). ``rerun`` trains the selected runs again and overwrites their records (give it a
+    fresh ``work_dir``: a finished run directory is returned as it is).
+
+    A failed run does not stop the others (a chosen run whose grid failed is not run); at the
+    end each failure is listed on stderr with its one-line error and :class:`MatrixRunsFailed`
+    is raised, naming them.
     """
     matrix = load_matrix(path, results)
     work_dir = Path(work_dir).expanduser() if work_dir else Path("~/.cache/or_core/matrix").expanduser() / matrix.path.stem
     wanted = [e for e in matrix.experiments if groups is None or set(e.groups) & set(groups)]
     ran: list[str] = []
+    failed: dict[str, str] = {}
     for chosen_phase in (False, True):
         phase = [e for e in wanted if e.needs_chosen_gamma == chosen_phase]
         if chosen_phase and phase:
             if dry_run and any(not matrix.record_path(e).is_file() for e in wanted if not e.needs_chosen_gamma):
                 ran += [e.name for e in phase]
                 continue
-            try:
-                phase = resolve_chosen(matrix, phase)
-            except RuntimeError:
-                if only is None:
-                    raise
-                continue  # a worker of the first phase: its runs are all in that phase
+            phase, unresolved = _resolve_each(matrix, phase)
+            # A worker (--only) of the first phase skips them: the rest of the grid is still training.
+            for e, error in unresolved if only is None else []:
+                if dry_run:
+                    ran.append(e.name)
+                else:
+                    _fail(failed, e.name, _not_chosen(matrix, e, error, failed))
             for e in phase:
                 if matrix.record_path(e).is_file() and not dry_run and not rerun:
-                    _merge_groups(matrix, e, work_dir)
+                    _attempt(e.name, lambda e=e: _merge_groups(matrix, e, work_dir), failed)
         phase = [e for e in phase if (rerun or not matrix.record_path(e).is_file()) and (only is None or e.name in only)]
         phase = list({e.name: e for e in phase}.values())
         if not phase:
@@ -358,24 +690,64 @@ def run_matrix(
         if dry_run:
             ran += [e.name for e in phase]
         elif jobs > 1 and len(phase) > 1:
-            _run_workers(matrix, work_dir, jobs, [e.name for e in phase], results, rerun)
-            ran += [e.name for e in phase if matrix.record_path(e).is_file()]
+            failures = _run_workers(matrix, work_dir, jobs, [e.name for e in phase], results, rerun)
+            failed.update(failures)
+            ran += [e.name for e in phase if matrix.record_path(e).is_file() and e.name not in failures]
         else:
             for experiment in phase:
                 print(f"[matrix] {experiment.name} ({', '.join(experiment.groups)})", flush=True)
-                run_experiment(matrix, experiment, work_dir)
-                ran.append(experiment.name)
+                if _attempt(experiment.name, lambda e=experiment: run_experiment(matrix, e, work_dir), failed):
+                    ran.append(experiment.name)
+    if failed:
+        _raise_failures(failed, ran, rerun)
     return ran
+
+
+class _Worker:
+    """A process training one run of the matrix. Its stderr is relayed to ours as it comes,
+    each line prefixed with the run's name (workers write side by side), and its last lines
+    are kept to name its error once it has ended."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.process = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+        self.tail: deque[str] = deque(maxlen=WORKER_TAIL_LINES)
+        self._relay = threading.Thread(target=self._read, args=(self.process.stderr,), daemon=True)
+        self._relay.start()
+
+    def _read(self, stream: Iterable[str]) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            print(f"[{self.name}] {line}", file=sys.stderr, flush=True)
+            self.tail.append(line)
+
+    def error(self, code: int) -> str | None:
+        """``None`` for exit code 0, else the worker's one-line error: its own line for the
+        failed run, else its last ``error:`` line, else the exit code and its last line."""
+        self._relay.join(timeout=10)  # the rest of its stderr, now that it has ended
+        if not code:
+            return None
+        marker = FAILED_LINE.format(name=self.name, message="")
+        lines = list(self.tail)
+        for line in reversed(lines):
+            if line.startswith(marker):
+                return line[len(marker):]
+        for line in reversed(lines):
+            if line.startswith("error: "):
+                return line[len("error: "):]
+        last = next((line for line in reversed(lines) if line.strip()), "nothing")
+        return f"its worker exited with code {code}; its last line on stderr: {last.strip()}"
 
 
 def _run_workers(
     matrix: Matrix, work_dir: Path, jobs: int, names: list[str], results: str | Path | None, rerun: bool = False,
     poll_s: float = 2.0,
-) -> None:
+) -> dict[str, str]:
     """Train ``names`` in up to ``jobs`` processes at once, one run per process
     (``python -m or_core matrix --only NAME``), each starting as soon as a core is free, so
     that no core idles while runs are left (runs take 400 to 700 s on the cpu scale). A
-    failed run does not stop the others; the first failure is raised once all have ended."""
+    failed run does not stop the others; returns each failed run's one-line error, read from
+    its worker's stderr (which is shown as it comes)."""
     threads = max(1, (os.cpu_count() or jobs) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "or_core", "matrix", str(matrix.path), "--work", str(work_dir)]
@@ -383,17 +755,16 @@ def _run_workers(
         cmd += ["--results", str(results)]
     if rerun:
         cmd += ["--rerun"]
-    pending, running, failed = list(names), {}, []
+    pending, running, failed = list(names), {}, {}
     while pending or running:
         while pending and len(running) < jobs:
             name = pending.pop(0)
-            running[name] = subprocess.Popen([*cmd, "--only", name], env=env)
-        finished = {name: code for name, worker in running.items() if (code := worker.poll()) is not None}
+            running[name] = _Worker(name, [*cmd, "--only", name], env)
+        finished = {name: code for name, worker in running.items() if (code := worker.process.poll()) is not None}
         for name, code in finished.items():
-            del running[name]
-            if code:
-                failed.append(f"{name} (exit code {code})")
+            error = running.pop(name).error(code)
+            if error is not None:
+                failed[name] = error
         if not finished:
             time.sleep(poll_s)
-    if failed:
-        raise RuntimeError(f"matrix runs failed: {', '.join(failed)}; rerun the same command to resume")
+    return failed
