@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from or_core.compiling import COMPILE_MODES
 from or_core.config import PROFILE_METHOD_SETTINGS, PROFILES, PretrainConfig, resolve_config
-from or_core.errors import InputError, disk_error
+from or_core.errors import input_error_message
 from or_core.methods import REGULARIZERS, available_methods
 
 DATASETS = "cifar10, cifar100, or a path to an ImageFolder root with train/ and val/ (or test/)"
@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     (with ``--debug`` or ``OR_CORE_DEBUG=1`` it raises, traceback and all)."""
     args = _parser().parse_args(argv)
     debug = args.debug or os.environ.get("OR_CORE_DEBUG", "") not in ("", "0")
+    if debug:  # matrix workers, started as processes, inherit it
+        os.environ["OR_CORE_DEBUG"] = "1"
     try:
         return _run(args)
     except Exception as error:
@@ -123,17 +125,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
-
-
-def input_error_message(error: BaseException) -> str | None:
-    """The one-line message of an error caused by the input, or ``None`` for a bug."""
-    if isinstance(error, InputError):
-        return " ".join(str(error).split("\n"))
-    if isinstance(error, OSError):
-        found = disk_error(error)
-        if found is not None:
-            return str(found)
-    return None
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ __all__ = [
     "DataError",
     "MissingPathError",
     "disk_error",
+    "input_error_message",
 ]
 
 
@@ -58,3 +59,14 @@ def disk_error(error: OSError) -> InputError | None:
     path = error.filename if error.filename is not None else "the output path"
     fix = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable folder"
     return InputError(f"cannot write {Path(str(path))}: {reason}; {fix} (or use another --out / OR_CORE_CACHE)")
+
+
+def input_error_message(error: BaseException) -> str | None:
+    """The one-line message of an error caused by the input, or ``None`` for a bug."""
+    if isinstance(error, InputError):
+        return " ".join(str(error).split("\n"))
+    if isinstance(error, OSError):
+        found = disk_error(error)
+        if found is not None:
+            return str(found)
+    return None

@@ -53,9 +53,9 @@ import torch
 import yaml
 
 from or_core.checkpoint import load_checkpoint
-from or_core.config import PROFILES, PretrainConfig, check_field, resolve_config
+from or_core.config import PROFILES, PretrainConfig, check_field, fit_to_data, resolve_config
 from or_core.data import load_split, load_split_at_most
-from or_core.errors import ConfigError, InputError, MissingPathError
+from or_core.errors import ConfigError, InputError, MissingPathError, input_error_message
 from or_core.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from or_core.orthogonality import DEFAULT_GAMMA
 from or_core.records import collapse_spectra, load_records, provenance, scale_of, write_record
@@ -482,7 +482,7 @@ def run_experiment(matrix: Matrix, experiment: Experiment, work_dir: str | Path,
     if experiment.needs_chosen_gamma:
         raise ValueError(f"{experiment.name}: choose its gamma first (Experiment.with_gamma)")
     overrides = dict(experiment.overrides)
-    cfg = resolve_config(matrix.profile, overrides={**overrides, "profile": matrix.profile})
+    cfg = fit_to_data(resolve_config(matrix.profile, overrides={**overrides, "profile": matrix.profile}))
     out = Path(work_dir) / experiment.name
     start = time.perf_counter()
     summary = pretrain(cfg, out, progress=progress)
@@ -578,13 +578,29 @@ def resolve_chosen(matrix: Matrix, experiments: Sequence[Experiment]) -> list[Ex
     return resolved
 
 
+def _check_selection(matrix: Matrix, groups: Sequence[str] | None, only: Sequence[str] | None) -> None:
+    """``--groups`` and ``--only`` must name groups and runs of the matrix (a typo would run
+    nothing, silently); a chosen-gamma run may be named with any gamma of its grid."""
+    known_groups = {g for e in matrix.experiments for g in e.groups}
+    unknown = sorted(set(groups or ()) - known_groups)
+    if unknown:
+        raise ConfigError(f"{matrix.path}: no group {unknown}; its groups: {', '.join(sorted(known_groups))}")
+    names = set()
+    for e in matrix.experiments:
+        names.add(e.name)
+        if e.needs_chosen_gamma:
+            grid = (matrix.choose.get("grids") or {}).get(e.overrides.get("regularizer"), [])
+            names |= {run_name({**e.overrides, "gamma": g}) for g in grid}
+    unknown = sorted(set(only or ()) - names)
+    if unknown:
+        raise ConfigError(f"{matrix.path}: no run named {unknown}; `--dry-run` lists the pending runs")
+
+
 def _error_line(error: Exception) -> str:
     """The one-line error of a failed run: the command line's message of an input error; for a
     bug its type and message, its traceback printed now (the run's own output is next to it)."""
-    from or_core.__main__ import input_error_message  # the command line's rule, in one place
-
     message = input_error_message(error)
-    if message is None:
+    if message is None or os.environ.get("OR_CORE_DEBUG", "") not in ("", "0"):
         traceback.print_exception(error)
         message = " ".join(f"{type(error).__name__}: {error}".split()) + " (a bug: see its traceback above)"
     return message
@@ -663,6 +679,7 @@ def run_matrix(
     is raised, naming them.
     """
     matrix = load_matrix(path, results)
+    _check_selection(matrix, groups, only)
     work_dir = Path(work_dir).expanduser() if work_dir else Path("~/.cache/or_core/matrix").expanduser() / matrix.path.stem
     wanted = [e for e in matrix.experiments if groups is None or set(e.groups) & set(groups)]
     ran: list[str] = []

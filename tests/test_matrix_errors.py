@@ -16,6 +16,8 @@ from or_core.__main__ import main
 from or_core.errors import ConfigError, MissingPathError
 from or_core.experiments import MatrixRunsFailed, load_matrix, run_matrix
 
+REPO = Path(__file__).resolve().parents[1]
+
 GRIDS = {"so": [1e-5, 1e-6]}
 CHOOSE = {"method": "byol", "dataset": "cifar10", "grids": GRIDS}
 #: A run of seconds on the real CIFAR-10 (on top of the ci profile).
@@ -193,3 +195,16 @@ def test_parallel_workers_failures_come_back_with_their_error_lines(
         "error: 2 of 2 matrix runs failed (byol-cifar10-none-s0, byol-cifar10-none-s1), each listed above with its "
         "error; fix the errors and re-run the same command to resume (recorded runs are skipped)"
     )
+
+
+def test_a_mistyped_group_or_run_name_is_an_error_not_an_empty_matrix(capsys: pytest.CaptureFixture) -> None:
+    matrix = str(REPO / "configs" / "matrix_cpu.yaml")
+    for flag, name, phrase in (
+        ("--groups", "tabel1", "no group ['tabel1']; its groups: "),
+        ("--only", "byol-cifar10-so-1e-6-s9", "no run named ['byol-cifar10-so-1e-6-s9']"),
+    ):
+        code = main(["matrix", matrix, "--dry-run", flag, name])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and phrase in err, err
+    # a chosen run by its resolved name, with any gamma of its grid, is a run of the matrix
+    assert main(["matrix", matrix, "--dry-run", "--only", "byol-cifar10-so-1e-6-s1"]) == 0

@@ -200,12 +200,12 @@ def test_cli_help_lists_methods_datasets_and_profiles() -> None:
 def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path: Path) -> None:
     """YAML 1.1 reads ``5e-4`` as a string; the config turns it into the number it means."""
     path = tmp_path / "c.yaml"
-    path.write_text("weight_decay: 5e-4\ngamma: 1e-6\nepochs: 3\n")
+    path.write_text("weight_decay: 5e-4\nregularizer: so\ngamma: 1e-6\nepochs: 3\n")
     cfg = resolve_config("cpu", path)
     assert (cfg.weight_decay, cfg.gamma, cfg.epochs) == (5e-4, 1e-6, 3)
     assert isinstance(cfg.weight_decay, float)
     path.write_text("lr: fast\n")
-    with pytest.raises(ValueError, match="'lr' must be a number, got 'fast'"):
+    with pytest.raises(ValueError, match="'lr' must be a number > 0, got 'fast'"):
         resolve_config("cpu", path)
 
 
