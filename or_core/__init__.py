@@ -24,6 +24,8 @@ from or_core.orthogonality import (
     mc_penalty,
     regularized_weights,
     smaller_side_gram,
+    so_diag_penalty,
+    so_offdiag_penalty,
     so_penalty,
     srip_penalty,
 )
@@ -48,6 +50,8 @@ __all__ = [
     "mc_penalty",
     "regularized_weights",
     "smaller_side_gram",
+    "so_diag_penalty",
+    "so_offdiag_penalty",
     "so_penalty",
     "srip_penalty",
 ]

@@ -17,13 +17,26 @@ Every penalty looks at a weight of shape ``(out, in, *kernel)`` as the matrix ``
 
 The Gram of the larger side has rank at most the smaller side and can never reach ``I``.
 
+SO splits exactly into the squares of the diagonal and of the off-diagonal of ``G``. With ``M``
+the *wide* view (``n <= m``: ``W`` or ``W^T``) and ``m_i`` its rows::
+
+    SO(W) = sum_i G_ii^2             + sum_{i != j} G_ij^2
+          = sum_i (||m_i||^2 - 1)^2  + (||M M^T||_F^2 - sum_i ||m_i||^4)
+          = SO_diag(W)               + SO_offdiag(W)
+
+``SO_diag`` only asks for unit norms (of the rows of ``M``), ``SO_offdiag`` only for mutually
+orthogonal rows, whatever their norms: the two kinds ``"so_diag"`` and ``"so_offdiag"`` are the
+controls that tell which half of SO does the work. Neither is in He et al. or Bansal et al.
+
 This file holds two layers:
 
 * the functional penalties (:func:`so_penalty`, :func:`srip_penalty`, :func:`dso_penalty`,
-  :func:`mc_penalty`), short, plain autograd code that reads like the formulas;
+  :func:`mc_penalty`, :func:`so_diag_penalty`, :func:`so_offdiag_penalty`), short, plain
+  autograd code that reads like the formulas;
 * :class:`OrthogonalityRegularizer`, the module to train with. It finds the weights of an
-  encoder, computes SO through a closed-form gradient and SRIP through matrix-vector products
-  with persistent power-iteration vectors, never forming a Gram.
+  encoder, computes SO and its off-diagonal part through a closed-form gradient, SO's diagonal
+  part from row norms alone, and SRIP through matrix-vector products with persistent
+  power-iteration vectors, the last two never forming a Gram.
 """
 
 from __future__ import annotations
@@ -45,18 +58,29 @@ __all__ = [
     "srip_penalty",
     "dso_penalty",
     "mc_penalty",
+    "so_diag_penalty",
+    "so_offdiag_penalty",
     "regularized_weights",
     "OrthogonalityRegularizer",
 ]
 
-PenaltyKind = Literal["so", "srip", "dso", "mc"]
-PENALTY_KINDS: tuple[str, ...] = ("so", "srip", "dso", "mc")
+PenaltyKind = Literal["so", "srip", "dso", "mc", "so_diag", "so_offdiag"]
+PENALTY_KINDS: tuple[str, ...] = ("so", "srip", "dso", "mc", "so_diag", "so_offdiag")
 
 #: Default ``gamma`` per penalty. SO and SRIP are the middle of the paper's grids
 #: (SO {1e-5, 1e-6, 1e-7}, SRIP {1e-3, 1e-4, 1e-5}) and the values reported for ResNets.
 #: DSO (= 2 SO + a constant, see :func:`dso_penalty`) takes SO's; MC, bounded by 1 like a
-#: normalized spectral quantity, takes SRIP's. The last two are this library's choice.
-DEFAULT_GAMMA: dict[str, float] = {"so": 1e-6, "srip": 1e-3, "dso": 1e-6, "mc": 1e-3}
+#: normalized spectral quantity, takes SRIP's. SO's two parts (``so_diag + so_offdiag = so``)
+#: take SO's value and grid, so that a control runs at the same strength as the SO it splits.
+#: All but SO's and SRIP's are this library's choice.
+DEFAULT_GAMMA: dict[str, float] = {
+    "so": 1e-6,
+    "srip": 1e-3,
+    "dso": 1e-6,
+    "mc": 1e-3,
+    "so_diag": 1e-6,
+    "so_offdiag": 1e-6,
+}
 
 _REGULARIZED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -132,6 +156,40 @@ def dso_penalty(weight: Tensor) -> Tensor:
     return 2.0 * so_penalty(weight) + float(n_large - n_small)
 
 
+def so_diag_penalty(weight: Tensor) -> Tensor:
+    """The diagonal part of SO: ``sum_i G_ii^2 = sum_i (||m_i||^2 - 1)^2`` (a control, not in
+    He et al. or Bansal et al.).
+
+    ``m_i`` are the rows of the wide view ``M`` (the rows of the matrix view ``W`` if
+    ``out <= in*prod(kernel)``, else its columns), whose Gram ``M M^T - I`` is :func:`so_penalty`'s
+    ``G``: ``G_ii = ||m_i||^2 - 1``. The penalty is zero exactly when every ``m_i`` has unit norm,
+    whatever the angles between them: it controls the weights' norms only. Its gradient is
+    ``4 diag(G) M`` (row ``i``: ``4 (||m_i||^2 - 1) m_i``), i.e. ``4 diag(G) W`` when
+    ``G = W W^T - I`` and ``4 W diag(G)`` when ``G = W^T W - I``. No Gram is needed.
+    ``so_diag_penalty(W) + so_offdiag_penalty(W) == so_penalty(W)``.
+    """
+    with torch.autocast(weight.device.type, enabled=False):
+        m = _short_side_matrix(weight)
+        return (m.pow(2).sum(dim=1) - 1.0).pow(2).sum()
+
+
+def so_offdiag_penalty(weight: Tensor) -> Tensor:
+    """The off-diagonal part of SO: ``sum_{i != j} G_ij^2 = ||M M^T||_F^2 - sum_i ||m_i||^4``
+    (a control, not in He et al. or Bansal et al.).
+
+    With ``M`` and ``m_i`` as in :func:`so_diag_penalty`, ``G_ij = <m_i, m_j>`` for ``i != j``:
+    the penalty is zero exactly when the ``m_i`` are mutually orthogonal, whatever their norms
+    (it decorrelates, it does not normalize). Its gradient is ``4 (G - diag(G)) M``, the
+    difference of SO's ``4 G M`` and the diagonal part's ``4 diag(G) M``; ``G - diag(G)`` is also
+    the off-diagonal of ``M M^T``, since ``I`` is diagonal. When ``G = W^T W - I`` the gradient
+    with respect to ``W`` is ``4 W (G - diag(G))``. The off-diagonal is masked rather than
+    ``SO - SO_diag`` subtracted, which would lose the small off-diagonal of a weight whose norms
+    are far from 1 to cancellation.
+    """
+    gram = smaller_side_gram(weight)
+    return (gram - torch.diag_embed(torch.diagonal(gram))).pow(2).sum()
+
+
 def mc_penalty(weight: Tensor) -> Tensor:
     """Mutual coherence (MC) of Bansal, Chen & Wang (2018), eq. (4).
 
@@ -183,6 +241,8 @@ _FUNCTIONAL: dict[str, object] = {
     "srip": srip_penalty,
     "dso": dso_penalty,
     "mc": mc_penalty,
+    "so_diag": so_diag_penalty,
+    "so_offdiag": so_offdiag_penalty,
 }
 
 
@@ -248,7 +308,7 @@ def regularized_weights(
 
 
 # ----------------------------------------------------------------------------------------------
-# The fast path: SO with a closed-form gradient
+# The fast path: SO and its two parts with closed-form gradients
 # ----------------------------------------------------------------------------------------------
 class _SoftOrthogonality(torch.autograd.Function):
     """``sum_l ||M_l M_l^T - I||_F^2`` over wide matrices ``M_l`` (float32 or float64 views).
@@ -276,6 +336,54 @@ class _SoftOrthogonality(torch.autograd.Function):
         saved = ctx.saved_tensors
         mats, grams = saved[: len(saved) // 2], saved[len(saved) // 2 :]
         products = [g @ m for m, g in zip(mats, grams)]
+        torch._foreach_mul_(products, 4.0 * grad_output)
+        return tuple(products)
+
+
+class _OffDiagonalSoftOrthogonality(_SoftOrthogonality):
+    """``sum_l sum_{i != j} (M_l M_l^T)_ij^2``: SO's off-diagonal part over wide matrices ``M_l``.
+
+    SO's function with the Gram's diagonal zeroed instead of lowered by 1: the saved matrix is
+    then ``G - diag(G)`` and SO's backward ``4 (G - diag(G)) M`` is exactly this part's gradient
+    (see :func:`so_offdiag_penalty`), so only the forward differs (with SO's signature, so
+    that no override is at odds with a typed parent).
+    """
+
+    @staticmethod
+    def forward(ctx, *mats: Tensor) -> Tensor:
+        grams = []
+        for m in mats:
+            g = m @ m.t()
+            g.diagonal().zero_()
+            grams.append(g)
+        ctx.save_for_backward(*mats, *grams)
+        return torch.stack(torch._foreach_norm(grams)).square().sum()
+
+
+class _DiagonalSoftOrthogonality(_SoftOrthogonality):
+    """``sum_l sum_i (||m_{l,i}||^2 - 1)^2``: SO's diagonal part over wide matrices ``M_l``.
+
+    The diagonal of ``M M^T - I`` is the rows' squared norms minus 1, so no Gram is formed: one
+    row-norm reduction per matrix (``O(n m)`` instead of the Gram's ``O(n^2 m)``), then foreach
+    ops over the layers. Backward: the closed form ``4 diag(G) M``, each row scaled by its
+    ``G_ii``, one broadcast product per matrix, scaled by one foreach op. Both are its own; it
+    derives from SO's function for the signatures only (matrices in, a scalar out), so that its
+    overrides match their parent's.
+    """
+
+    @staticmethod
+    def forward(ctx, *mats: Tensor) -> Tensor:
+        norms = [torch.linalg.vector_norm(m, dim=1) for m in mats]
+        diagonals = torch._foreach_mul(norms, norms)
+        torch._foreach_sub_(diagonals, 1.0)
+        ctx.save_for_backward(*mats, *diagonals)
+        return torch.stack(torch._foreach_norm(diagonals)).square().sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        saved = ctx.saved_tensors
+        mats, diagonals = saved[: len(saved) // 2], saved[len(saved) // 2 :]
+        products = [d.unsqueeze(1) * m for m, d in zip(mats, diagonals)]
         torch._foreach_mul_(products, 4.0 * grad_output)
         return tuple(products)
 
@@ -317,15 +425,18 @@ class OrthogonalityRegularizer(nn.Module):
     """``gamma * sum_l OR(W_l)`` over the conv and linear weights of an encoder.
 
     The regularizer of He, Du & Ma (NeurIPS 2024), with the penalties of Bansal, Chen & Wang
-    (NeurIPS 2018): SO ``||G||_F^2``, SRIP ``sigma(G)``, DSO and MC (see the functional
-    penalties in this module for each formula). Build it on the online backbone only; calling it
-    returns a differentiable scalar to add to the SSL loss::
+    (NeurIPS 2018): SO ``||G||_F^2``, SRIP ``sigma(G)``, DSO and MC, and SO's two parts as
+    controls, ``so_diag`` ``sum_i G_ii^2`` (norms only) and ``so_offdiag`` ``sum_{i != j} G_ij^2``
+    (decorrelation only); see the functional penalties in this module for each formula. Build it
+    on the online backbone only; calling it returns a differentiable scalar to add to the SSL
+    loss::
 
         regularizer = OrthogonalityRegularizer(backbone, kind="so", gamma=1e-6)
         loss = ssl_loss + regularizer()
 
     Computation is in float32 (float64 if the weights are), also under autocast, and never
-    synchronizes with the host. SO uses a closed-form gradient. SRIP never forms ``G``: it applies
+    synchronizes with the host. SO and its off-diagonal part use closed-form gradients; its
+    diagonal part needs only the row norms, no Gram. SRIP never forms ``G``: it applies
     ``G v = W (W^T v) - v`` and keeps one power-iteration vector per layer in a buffer, updated
     ``n_power_iterations`` times per call (one suffices during training, as in
     ``torch.nn.utils.parametrizations.spectral_norm``); the vectors are saved in ``state_dict``.
@@ -333,7 +444,7 @@ class OrthogonalityRegularizer(nn.Module):
     Args:
         module: the encoder whose weights are regularized (not stored as a submodule, so this
             module's ``state_dict`` holds only the SRIP vectors).
-        kind: ``"so"``, ``"srip"``, ``"dso"`` or ``"mc"``.
+        kind: ``"so"``, ``"srip"``, ``"dso"``, ``"mc"``, ``"so_diag"`` or ``"so_offdiag"``.
         gamma: the weight of the term; ``None`` takes :data:`DEFAULT_GAMMA` for ``kind``.
         include, exclude: regular expressions on weight names, see :func:`regularized_weights`.
         n_power_iterations: SRIP power-iteration steps per call.
@@ -395,6 +506,10 @@ class OrthogonalityRegularizer(nn.Module):
                 return self._srip(mats)
             if self.kind == "mc":
                 return sum(_mutual_coherence(m) for m in mats)
+            if self.kind == "so_diag":
+                return _DiagonalSoftOrthogonality.apply(*mats)
+            if self.kind == "so_offdiag":
+                return _OffDiagonalSoftOrthogonality.apply(*mats)
             so = _SoftOrthogonality.apply(*mats)
             if self.kind == "dso":
                 return 2.0 * so + float(sum(m.shape[1] - m.shape[0] for m in mats))
