@@ -80,6 +80,27 @@ def _format(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
+def _sorted_spectra(values: ArrayLike, normalize: bool) -> np.ndarray:
+    """``(k, n)``: each of ``k`` spectra (a 1-D input is one) sorted in descending order and,
+    with ``normalize``, divided by its own largest value."""
+    v = _array(values)
+    v = v.reshape(1, -1) if v.ndim <= 1 else v.reshape(v.shape[0], -1)
+    v = -np.sort(-v, axis=1)
+    if normalize:
+        top = v[:, :1]
+        v = np.divide(v, top, out=v.copy(), where=top > 0)
+    return v
+
+
+def _band(ax: Axes, x: np.ndarray, rows: np.ndarray, color: object, log: bool) -> None:
+    """The band from the smallest to the largest of ``rows`` (one row per seed) at each x;
+    on a log axis a lower end <= 0 is left open."""
+    lo, hi = rows.min(axis=0), rows.max(axis=0)
+    keep = np.isfinite(lo) & np.isfinite(hi) & ((hi > 0) if log else True)
+    lo = np.where(lo > 0, lo, np.nan) if log else lo
+    ax.fill_between(x[keep], lo[keep], hi[keep], color=color, alpha=0.2, lw=0)
+
+
 def plot_spectra(
     spectra: Mapping[str, ArrayLike],
     title: str | None = None,
@@ -98,8 +119,13 @@ def plot_spectra(
     a flat line at 1 is an isotropic spectrum, a fast decay is dimensional collapse. Zeros
     cannot be drawn on a log axis and are left out.
 
+    An entry of shape ``(k, n)`` holds ``k`` spectra of one series (e.g. one per seed): each
+    row is sorted and normalized alone, the line is their mean at each index and a band spans
+    the smallest to the largest of them (say so in the caption).
+
     Args:
-        spectra: ``{label: values}``; tensors or arrays of any length.
+        spectra: ``{label: values}``; tensors or arrays of any length, or ``(k, n)`` arrays
+            (or lists of ``k`` equally long spectra) for a mean line with a min-max band.
         title: the axes title.
         normalize: divide each spectrum by its largest value.
         xlabel, ylabel: axis labels (defaults: the index, and ``"value / largest"`` or ``"value"``).
@@ -111,14 +137,15 @@ def plot_spectra(
     with sns.axes_style(STYLE):
         fig, ax = _figure(ax, figsize)
         for i, ((label, values), color) in enumerate(zip(spectra.items(), _colors(len(spectra)))):
-            v = np.sort(_array(values).ravel())[::-1]
-            if normalize and v.size and v[0] > 0:
-                v = v / v[0]
+            rows = _sorted_spectra(values, normalize)
+            v = rows.mean(axis=0)
             x = np.arange(v.size, dtype=np.float64)
             if relative_index and v.size > 1:
                 x = x / (v.size - 1)
             keep = v > 0
             ax.plot(x[keep], v[keep], label=label, color=color, ls=_style(i), lw=1.6)
+            if rows.shape[0] > 1:
+                _band(ax, x, rows, color, log=True)
         ax.set_yscale("log")
         default_xlabel = "index / (count - 1)" if relative_index else "index (sorted, descending)"
         _finish(ax, xlabel or default_xlabel, ylabel or ("value / largest" if normalize else "value"), title, bool(spectra))
@@ -394,6 +421,8 @@ def plot_dose_response(
     *,
     baselines: Mapping[str, float] | None = None,
     chosen: Mapping[str, float] | None = None,
+    spread: Mapping[str, tuple[ArrayLike, ArrayLike]] | None = None,
+    baseline_spread: Mapping[str, tuple[float, float]] | None = None,
     xlabel: str = "gamma",
     ylabel: str = "value",
     empty: str = "no data yet",
@@ -403,7 +432,10 @@ def plot_dose_response(
     """A metric against a regularization weight on a log x axis, one line per regularizer.
 
     Points inside the tuning grid are filled, points outside it are hollow; a chosen value is
-    ringed; baselines (the run without regularization) are dashed horizontal lines.
+    ringed; baselines (the run without regularization) are dashed horizontal lines. Where a
+    point or a baseline is the mean of several runs (seeds), ``spread`` / ``baseline_spread``
+    give the range to draw around it: a vertical bar at the point, a band along the baseline
+    (say in the caption what the range is, e.g. min to max over seeds).
 
     Args:
         series: ``{label: (gammas, values, outside)}``, ``outside[i]`` true for a point outside
@@ -411,6 +443,9 @@ def plot_dose_response(
         title: the axes title.
         baselines: ``{label: value}``: dashed horizontal lines.
         chosen: ``{series label: gamma}``: the point to ring.
+        spread: ``{series label: (lows, highs)}``, aligned with the series' gammas; a bar where
+            ``high > low``.
+        baseline_spread: ``{baseline label: (low, high)}``: a band where ``high > low``.
         xlabel, ylabel: axis labels.
         empty: the note of a panel with nothing to draw.
         ax: draw on these axes instead of a new figure.
@@ -427,6 +462,12 @@ def plot_dose_response(
             order = np.argsort(g)
             g, v, out = g[order], v[order], out[order]
             ax.plot(g, v, color=color, ls=_style(i), lw=1.4, label=label)
+            if spread and label in spread:
+                lo, hi = (_array(a).ravel()[order] for a in spread[label])
+                bar = hi > lo
+                if bar.any():
+                    ax.errorbar(g[bar], v[bar], yerr=[v[bar] - lo[bar], hi[bar] - v[bar]], fmt="none", ecolor=color,
+                                elinewidth=1.2, capsize=4, zorder=2)
             ax.scatter(g[~out], v[~out], color=color, s=36, zorder=3)
             if out.any():
                 ax.scatter(g[out], v[out], facecolors="white", edgecolors=color, s=36, zorder=3)
@@ -435,6 +476,9 @@ def plot_dose_response(
                 ax.scatter(g[pick], v[pick], facecolors="none", edgecolors="black", s=140, lw=1.2, zorder=4)
         for (label, level), color in zip((baselines or {}).items(), colors[len(series) :]):
             ax.axhline(level, ls=(0, (6, 3)), lw=1.0, color=color, label=label)
+            low, high = (baseline_spread or {}).get(label, (level, level))
+            if high > low:
+                ax.axhspan(low, high, color=color, alpha=0.15, lw=0)
         if series:
             ax.set_xscale("log")
         _finish(ax, xlabel, ylabel, title, bool(series or baselines))

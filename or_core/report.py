@@ -13,8 +13,10 @@ config, summary numbers, collapse spectra, transfer probes and the scale it was 
 * :func:`gamma_response`, :func:`spectra_figure`, :func:`figure2`,
   :func:`save_spectra_figure`, :func:`stage_spectra_figure`, :func:`overhead_figure`: figures,
   each titled with the scale of its records;
-* :func:`claims`: the paper's claims, each with the numbers that speak to it and a verdict
-  computed from them (never typed in).
+* :func:`claims`: the paper's claims, each per comparison (runs that share method, data set
+  and regularizer, paired by seed) with the mean paired difference, its 95% interval and a
+  verdict computed from them (:mod:`or_core.stats`, never typed in); :func:`claim_lines`,
+  :func:`claims_summary`: the same per claim, and in words.
 
 Example (from the repository root)::
 
@@ -23,11 +25,13 @@ Example (from the repository root)::
     records = report.load_folder("results/matrix_cpu")
     frame = report.records_frame(records)
     report.accuracy_table(frame)
-    report.claims(frame, records)[["claim", "n", "verdict"]]
+    report.claims(frame, records)[list(report.CLAIM_COLUMNS)]
     fig = report.figure2(records)
 
 A matrix that is only partly recorded is fine everywhere: a missing run leaves a gap (``NaN``),
 an empty panel says "no data yet", and a claim without numbers gets the verdict "no data yet".
+Where several seeds of a run are recorded, the figures draw their mean with a band from the
+smallest to the largest value over the seeds, and say so.
 
 When several records could stand for one (method, data set, regularizer, seed), for example
 the runs of the gamma grid, :func:`select_runs` takes the run whose gamma was chosen on the
@@ -48,7 +52,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from or_core import plots
+from or_core import plots, stats
 from or_core.experiments import load_matrix, run_matrix
 from or_core.records import load_records
 
@@ -56,12 +60,15 @@ __all__ = [
     "METRICS",
     "REGULARIZERS",
     "SUPPORTED",
-    "NOT_SUPPORTED",
-    "MIXED",
+    "NO_EFFECT",
+    "CONTRADICTED",
+    "TOO_FEW",
+    "NOT_MEASURED",
     "NO_DATA",
     "NO_RECORDS",
     "COLUMNS",
     "spectrum_effective_rank",
+    "hidden_stages",
     "records_frame",
     "scale_label",
     "select_runs",
@@ -79,9 +86,15 @@ __all__ = [
     "figure2",
     "save_spectra_figure",
     "stage_spectra_figure",
+    "SEED_BANDS",
     "verdict",
     "VERDICT_RULE",
+    "ALL_COMPARISONS",
+    "CLAIM_COLUMNS",
     "claims",
+    "claims_view",
+    "claim_counts",
+    "claim_lines",
     "claims_summary",
     "styled",
     "missing_runs",
@@ -97,8 +110,9 @@ __all__ = [
 METRICS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5")
 #: The regularizers compared, the baseline first.
 REGULARIZERS = ("none", "so", "srip")
-#: Verdicts of :func:`claims`.
-SUPPORTED, NOT_SUPPORTED, MIXED, NO_DATA = "supported", "not supported", "mixed", "no data yet"
+#: Verdicts of a comparison in :func:`claims` (:mod:`or_core.stats`); "no data yet": no pair of runs.
+SUPPORTED, NO_EFFECT, CONTRADICTED, TOO_FEW = stats.SUPPORTED, stats.NO_EFFECT, stats.CONTRADICTED, stats.TOO_FEW
+NO_DATA = "no data yet"
 #: The scale label of an empty set of records.
 NO_RECORDS = "no records yet"
 
@@ -143,6 +157,19 @@ def _flatness(spectra: Sequence[Sequence[float]]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def hidden_stages(hidden: Mapping[str, Sequence[float]]) -> dict[str, Sequence[float]]:
+    """The hidden-feature spectra of a record without its last stage.
+
+    A record's ``collapse["hidden"]`` holds the pooled output of every stage
+    (:func:`or_core.records.collapse_spectra`: a ResNet's layer1 ... layer4). The pooled output
+    of the last stage is the encoder's output, so its spectrum is the representation's (the
+    records store it twice); a hidden-feature measure that kept it would count the
+    representation again. ``{}`` when the record has one stage or none.
+    """
+    names = list(hidden)
+    return {name: hidden[name] for name in names[:-1]}
+
+
 def _row(record: Mapping[str, Any]) -> dict[str, Any]:
     cfg, summary = record["config"], record["summary"]
     collapse = record.get("collapse") or {}
@@ -161,7 +188,7 @@ def _row(record: Mapping[str, Any]) -> dict[str, Any]:
         "outside_paper_grid": bool(record.get("outside_paper_grid", False)),
         "groups": ", ".join(record.get("groups") or []),
         "weight_flatness": _flatness(list((collapse.get("weights") or {}).values())),
-        "hidden_flatness": _flatness(list((collapse.get("hidden") or {}).values())),
+        "hidden_flatness": _flatness(list(hidden_stages(collapse.get("hidden") or {}).values())),
         "representation_flatness": _flatness([collapse.get("representation") or []]),
         "width": cfg.get("width"),
         "epochs": cfg.get("epochs"),
@@ -179,8 +206,10 @@ def records_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     Besides the summary's numbers, three measures of the stored collapse spectra, each the
     effective rank divided by the spectrum's length (1: flat, near 0: collapsed), averaged:
     ``weight_flatness`` over the regularized weights (their Gram spectra),
-    ``hidden_flatness`` over the pooled stage outputs, ``representation_flatness`` of the
-    encoder's output. Objects that are not run records (no ``config``/``summary``, e.g. a
+    ``hidden_flatness`` over the pooled outputs of the stages before the last
+    (:func:`hidden_stages`: a ResNet's layer1-3, since the pooled layer4 is the representation;
+    ``NaN`` when a record holds no such stage), ``representation_flatness`` of the encoder's
+    output. Objects that are not run records (no ``config``/``summary``, e.g. a
     benchmark) are left out.
     """
     rows = [_row(r) for r in records if isinstance(r.get("config"), dict) and isinstance(r.get("summary"), dict)]
@@ -205,16 +234,35 @@ def _scale_tag(records: pd.DataFrame | Sequence[Mapping[str, Any]]) -> str:
     return f"[{label}]" if label == NO_RECORDS else f"[{label} records]"
 
 
-def _titled(title: str, runs: Mapping[str, Mapping[str, Any]]) -> str:
-    """``title`` ending with the runs' scale tag (added when it is not there yet)."""
-    tag = _scale_tag(list(runs.values()))
-    return title if title.endswith(tag) else f"{title} {tag}"
+#: What a figure's line and band are where a run has several seeds (added to its title).
+SEED_BANDS = "lines: mean over a run's seeds, bands: min to max over them"
+
+#: Runs of a figure: ``{label: record}``, or ``{label: [record of each seed]}``.
+Runs = Mapping[str, Mapping[str, Any] | Sequence[Mapping[str, Any]]]
 
 
-def _backbone_text(runs: Mapping[str, Mapping[str, Any]]) -> str:
+def _seed_groups(runs: Runs) -> dict[str, list[Mapping[str, Any]]]:
+    """``{label: [records]}``: the seeds of each run (one record stands for one seed)."""
+    return {label: [group] if isinstance(group, Mapping) else list(group) for label, group in runs.items()}
+
+
+def _titled(title: str, runs: Runs) -> str:
+    """``title`` ending with the runs' scale tag (added when it is not there yet), after a line
+    saying what the lines and bands are when a run has several seeds (:data:`SEED_BANDS`)."""
+    groups = _seed_groups(runs)
+    tag = _scale_tag([r for group in groups.values() for r in group])
+    if title.endswith(tag):
+        return title
+    several = any(len(group) > 1 for group in groups.values())
+    note = f"\n({SEED_BANDS})" if several and SEED_BANDS not in title else ""
+    return f"{title}{note} {tag}"
+
+
+def _backbone_text(runs: Runs) -> str:
     """``"ResNet-18, width 0.125"`` from the runs' configs (``"ResNet-18"`` at full width)."""
-    widths = sorted({float(r.get("config", {}).get("width", 1.0)) for r in runs.values()})
-    names = sorted({str(r.get("config", {}).get("backbone", "resnet18")) for r in runs.values()}) or ["resnet18"]
+    records = [r for group in _seed_groups(runs).values() for r in group]
+    widths = sorted({float(r.get("config", {}).get("width", 1.0)) for r in records})
+    names = sorted({str(r.get("config", {}).get("backbone", "resnet18")) for r in records}) or ["resnet18"]
     name = ", ".join(n.replace("resnet", "ResNet-") for n in names)
     return name if widths in ([], [1.0]) else f"{name}, width {', '.join(f'{w:g}' for w in widths)}"
 
@@ -351,10 +399,12 @@ def paired_summary(paired: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_differences(
-    frame: pd.DataFrame, measure: str, regularizers: Sequence[str] = ("so", "srip"), seed: int | None = None
+    frame: pd.DataFrame, measure: str, regularizers: Sequence[str] = ("so", "srip"), seed: int | None = None,
+    dropna: bool = True,
 ) -> pd.DataFrame:
     """Every run with OR against the run without OR of the same method, data set and seed:
-    ``measure`` of both and ``delta = with OR - without``."""
+    ``measure`` of both and ``delta = with OR - without``. Pairs where either run lacks the
+    measure are left out, unless ``dropna`` is false (their ``delta`` is ``NaN``)."""
     runs = select_runs(frame, seed)
     base = runs[runs["regularizer"] == "none"]
     keys = ["scale", "method", "dataset", "seed"]
@@ -363,7 +413,7 @@ def paired_differences(
     table["without OR"] = pairs[f"{measure}_none"].astype(float)
     table["with OR"] = pairs[measure].astype(float)
     table["delta"] = table["with OR"] - table["without OR"]
-    return table.dropna(subset=["delta"]).reset_index(drop=True)
+    return (table.dropna(subset=["delta"]) if dropna else table).reset_index(drop=True)
 
 
 def transfer_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -386,30 +436,23 @@ def transfer_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return table.sort_values(["target", "regularizer", "seed", "name"], ignore_index=True) if len(table) else table
 
 
-def _transfer_differences(records: Sequence[Mapping[str, Any]], metric: str = "linear_top1") -> pd.DataFrame:
-    """Each transfer probe with OR minus the one without OR of the same pretraining method,
-    data set and target: of the same seed when that one was probed (``paired``), else of the
-    mean over the seeds probed without OR (``paired`` false)."""
-    table = transfer_table(records)
-    keys = ["target", "scale", "method", "pretrained on"]
-    base = table[table["regularizer"] == "none"]
-    other = table[table["regularizer"] != "none"]
-    same_seed = other.merge(base[[*keys, "seed", metric]], on=[*keys, "seed"], suffixes=("", "_none"))
-    same_seed["paired"] = True
-    means = base.groupby(keys, as_index=False)[metric].mean()
-    rest = other.merge(same_seed[[*keys, "seed", "regularizer"]], on=[*keys, "seed", "regularizer"], how="left",
-                       indicator=True)
-    rest = rest[rest["_merge"] == "left_only"].drop(columns="_merge")
-    unpaired = rest.merge(means, on=keys, suffixes=("", "_none"))
-    unpaired["paired"] = False
-    pairs = pd.concat([same_seed, unpaired], ignore_index=True)
-    pairs["delta"] = pairs[metric] - pairs[f"{metric}_none"]
-    return pairs.sort_values([*keys, "regularizer", "seed"], ignore_index=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------
+def _over_seeds(runs: pd.DataFrame, keys: Sequence[str], metric: str) -> pd.DataFrame:
+    """Per group of ``keys``: the mean, smallest and largest ``metric`` over its runs (seeds),
+    their number, and whether any run lies outside the paper's grid or had its gamma chosen."""
+    return runs.groupby(list(keys), sort=True).agg(
+        mean=(metric, "mean"), low=(metric, "min"), high=(metric, "max"), seeds=(metric, "count"),
+        outside=("outside_paper_grid", "any"), chosen=("gamma_chosen", "any"),
+    ).reset_index()
+
+
+def _seeds_text(n: int) -> str:
+    """``" (mean of 3 seeds)"`` for a legend, ``""`` for one seed."""
+    return f" (mean of {n} seeds)" if n > 1 else ""
+
+
 def gamma_response(
     frame: pd.DataFrame,
     method: str = "byol",
@@ -418,47 +461,67 @@ def gamma_response(
 ) -> Figure:
     """Dose-response of gamma: each metric against gamma (log scale), one line per regularizer,
     paper-grid gammas filled, gammas outside the grid hollow, the chosen gamma ringed, the run
-    without OR as a dashed line. One panel per metric."""
-    table = gamma_table(frame, method, dataset)
-    runs = frame[(frame["method"] == method) & (frame["dataset"] == dataset) & (frame["seed"] == 0)]
+    without OR as a dashed line. One panel per metric.
+
+    Every seed recorded counts: a point (and the dashed line) is the mean over the seeds of
+    that gamma, with a bar (a band) from the smallest to the largest of them where there are
+    several, as the title says."""
+    runs = frame[(frame["method"] == method) & (frame["dataset"] == dataset)]
     base = runs[runs["regularizer"] == "none"]
+    regularized = runs[runs["regularizer"] != "none"]
+    several = False
     with sns.axes_style(plots.STYLE):
         fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.0), layout="constrained", squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
-        series, chosen = {}, {}
-        for reg, part in table.groupby("regularizer", sort=True):
+        series, chosen, spread = {}, {}, {}
+        for reg, part in _over_seeds(regularized, ["regularizer", "gamma"], metric).groupby("regularizer", sort=True):
             label = f"{method} + {_LABELS.get(reg, reg)}"
-            series[label] = (part["gamma"], part[metric], part["outside_paper_grid"].tolist())
-            if part["gamma_chosen"].any():
-                chosen[label] = float(part.loc[part["gamma_chosen"], "gamma"].iloc[0])
-        baselines = {f"{method} without OR": float(base[metric].iloc[0])} if len(base) else {}
+            series[label] = (part["gamma"], part["mean"], part["outside"].tolist())
+            spread[label] = (part["low"], part["high"])
+            several |= bool((part["seeds"] > 1).any())
+            if part["chosen"].any():
+                chosen[label] = float(part.loc[part["chosen"], "gamma"].iloc[0])
+        baselines, baseline_spread = {}, {}
+        values = base[metric].dropna()
+        if len(values):
+            label = f"{method} without OR{_seeds_text(len(values))}"
+            baselines[label] = float(values.mean())
+            baseline_spread[label] = (float(values.min()), float(values.max()))
+            several |= len(values) > 1
         name = _METRIC_NAMES.get(metric, metric)
-        plots.plot_dose_response(series, name, baselines=baselines, chosen=chosen, xlabel="gamma", ylabel=metric, ax=ax)
+        plots.plot_dose_response(series, name, baselines=baselines, chosen=chosen, spread=spread,
+                                 baseline_spread=baseline_spread, xlabel="gamma", ylabel=metric, ax=ax)
+    bands = ("\n(points and dashed line: mean over the seeds recorded; bars and band: min to max over them)"
+             if several else "")
     fig.suptitle(f"{method} on {dataset}: accuracy against gamma {_scale_tag(runs)}\n"
-                 "(filled: the paper's grid; hollow: outside it; ringed: chosen on validation)", fontsize="medium")
+                 f"(filled: the paper's grid; hollow: outside it; ringed: chosen on validation){bands}",
+                 fontsize="medium")
     return fig
 
 
 def _pick(frame: pd.DataFrame, records: Sequence[Mapping[str, Any]], wanted: Mapping[str, tuple[str, str]],
-          dataset: str, seed: int) -> dict[str, Mapping[str, Any]]:
-    """``{label: record}`` of the selected (method, regularizer) runs on ``dataset``."""
+          dataset: str, seed: int | None) -> dict[str, list[Mapping[str, Any]]]:
+    """``{label: [record of each seed]}`` of the selected (method, regularizer) runs on
+    ``dataset`` (``seed=None``: every seed; one scale per run, the first)."""
     by_name = {(r.get("scale"), r.get("name")): r for r in records}
     runs = select_runs(frame[frame["dataset"] == dataset], seed)
     out = {}
     for label, (method, reg) in wanted.items():
         match = runs[(runs["method"] == method) & (runs["regularizer"] == reg)]
         if len(match):
-            row = match.iloc[0]
-            gamma = f" (gamma {_gamma_text(row['gamma'])})" if reg != "none" else ""
-            out[label + gamma] = by_name[(row["scale"], row["name"])]
+            match = match[match["scale"] == match["scale"].iloc[0]]  # the seeds of one setup, not two scales
+            gammas = sorted(set(match["gamma"].dropna()))
+            gamma = f" (gamma {', '.join(_gamma_text(g) for g in gammas)})" if reg != "none" and gammas else ""
+            out[label + gamma + _seeds_text(len(match))] = [by_name[(row["scale"], row["name"])]
+                                                              for _, row in match.sort_values("seed").iterrows()]
     return out
 
 
 def figure2_runs(
-    records: Sequence[Mapping[str, Any]], dataset: str = "cifar10", seed: int = 0, include_srip: bool = False
-) -> dict[str, Mapping[str, Any]]:
+    records: Sequence[Mapping[str, Any]], dataset: str = "cifar10", seed: int | None = None, include_srip: bool = False
+) -> dict[str, list[Mapping[str, Any]]]:
     """The runs of Figure 2: BYOL, BYOL + feature whitening, BYOL + SO (and + SRIP), the ones
-    recorded."""
+    recorded, each with every seed recorded (``seed``: only that one)."""
     wanted = {"BYOL": ("byol", "none"), "BYOL + whitening": ("byol_whitening", "none"), "BYOL + SO": ("byol", "so")}
     if include_srip:
         wanted["BYOL + SRIP"] = ("byol", "srip")
@@ -466,9 +529,10 @@ def figure2_runs(
 
 
 def figure3_runs(
-    records: Sequence[Mapping[str, Any]], method: str = "byol", dataset: str = "cifar10", seed: int = 0
-) -> dict[str, Mapping[str, Any]]:
-    """The runs of Figure 3: one method without OR, with SO and with SRIP, the ones recorded."""
+    records: Sequence[Mapping[str, Any]], method: str = "byol", dataset: str = "cifar10", seed: int | None = None
+) -> dict[str, list[Mapping[str, Any]]]:
+    """The runs of Figure 3: one method without OR, with SO and with SRIP, the ones recorded,
+    each with every seed recorded (``seed``: only that one)."""
     wanted = {f"{method}": (method, "none"), f"{method} + SO": (method, "so"), f"{method} + SRIP": (method, "srip")}
     return _pick(records_frame(records), records, wanted, dataset, seed)
 
@@ -483,31 +547,62 @@ def _stage_last_convs(names: Sequence[str]) -> list[str]:
     return list(last.values()) or list(names)
 
 
+def _seed_spectra(spectra: Sequence[Sequence[float]]) -> Sequence[float] | np.ndarray:
+    """One run's spectra over its seeds, for :func:`or_core.plots.plot_spectra`: the spectrum
+    of a single seed, or a ``(seeds, n)`` array (a mean line with a min-max band). Seeds whose
+    spectrum is of another length than the first's (another width) are left out."""
+    same = [list(x) for x in spectra if len(x) == len(spectra[0])]
+    return same[0] if len(same) == 1 else np.asarray(same, dtype=np.float64)
+
+
+def _panel(collapse: Mapping[str, Sequence[Mapping[str, Any]]], kind: str, layer: str | None = None) -> dict[str, Any]:
+    """``{run label: spectra over its seeds}`` of one kind (and layer) of spectrum, for the runs
+    whose records hold it."""
+    panel = {}
+    for label, seeds in collapse.items():
+        found = [c.get(kind) if layer is None else (c.get(kind) or {}).get(layer) for c in seeds]
+        found = [x for x in found if x]
+        if found:
+            panel[label] = _seed_spectra(found)
+    return panel
+
+
+def _collapse(runs: Runs) -> dict[str, list[Mapping[str, Any]]]:
+    """``{run label: [collapse spectra of each seed]}``."""
+    return {label: [r.get("collapse") or {} for r in group] for label, group in _seed_groups(runs).items()}
+
+
+def _names(collapse: Mapping[str, Sequence[Mapping[str, Any]]], kind: str) -> list[str]:
+    """The layers of one kind of spectrum that any record holds, in their order."""
+    return list(dict.fromkeys(n for seeds in collapse.values() for c in seeds for n in (c.get(kind) or {})))
+
+
 def spectra_figure(
     records: Sequence[Mapping[str, Any]],
     kind: str = "weights",
-    runs: Mapping[str, Mapping[str, Any]] | None = None,
+    runs: Runs | None = None,
     layers: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Figure:
     """Figure 2 analogue for one kind of spectrum, one line per run (default
-    :func:`figure2_runs`): normalized eigenvalues, descending, log scale.
+    :func:`figure2_runs`): normalized eigenvalues, descending, log scale; a run with several
+    seeds is their mean with a band from the smallest to the largest value (the title says so).
 
     ``kind``: ``"weights"`` (Gram spectra; one panel per layer of ``layers``, default the last
     convolution of each stage), ``"hidden"`` (covariance of each stage's pooled output; one
     panel per stage) or ``"representation"`` (one panel). The title states the records' scale.
+    ``runs``: ``{label: record}`` or ``{label: [records of its seeds]}``.
     """
     if kind not in ("weights", "hidden", "representation"):
         raise ValueError(f"kind must be 'weights', 'hidden' or 'representation', got {kind!r}")
     runs = figure2_runs(records) if runs is None else runs
-    collapse = {label: r.get("collapse") or {} for label, r in runs.items()}
+    collapse = _collapse(runs)
     if kind == "representation":
-        panels = {"representation": {k: c["representation"] for k, c in collapse.items() if c.get("representation")}}
+        panels = {"representation": _panel(collapse, "representation")}
     else:
-        available = list(dict.fromkeys(n for c in collapse.values() for n in (c.get(kind) or {})))
+        available = _names(collapse, kind)
         chosen = list(layers) if layers is not None else (_stage_last_convs(available) if kind == "weights" else available)
-        panels = {layer: {k: c[kind][layer] for k, c in collapse.items() if layer in (c.get(kind) or {})}
-                  for layer in chosen}
+        panels = {layer: _panel(collapse, kind, layer) for layer in chosen}
     what = {"weights": "weight Gram", "hidden": "hidden-feature covariance", "representation": "representation covariance"}
     title = _titled(title or f"Eigenvalue spectra of {what[kind]} matrices", runs)
     return plots.plot_spectra_panels(panels, title)
@@ -515,7 +610,7 @@ def spectra_figure(
 
 def figure2(
     records: Sequence[Mapping[str, Any]],
-    runs: Mapping[str, Mapping[str, Any]] | None = None,
+    runs: Runs | None = None,
     weight_layer: str | None = None,
     hidden_layer: str | None = None,
     title: str | None = None,
@@ -525,19 +620,17 @@ def figure2(
 
     ``weight_layer`` defaults to the last convolution of the last stage (``layer4.1.conv2``),
     ``hidden_layer`` to the last stage but one (``layer3``), whose output is not the
-    representation itself."""
+    representation itself. A run with several seeds is drawn as their mean with a min-max
+    band (:func:`spectra_figure`)."""
     runs = figure2_runs(records) if runs is None else runs
-    collapse = {label: r.get("collapse") or {} for label, r in runs.items()}
-    weights = list(dict.fromkeys(n for c in collapse.values() for n in (c.get("weights") or {})))
-    stages = list(dict.fromkeys(n for c in collapse.values() for n in (c.get("hidden") or {})))
+    collapse = _collapse(runs)
+    weights, stages = _names(collapse, "weights"), _names(collapse, "hidden")
     weight_layer = weight_layer or (_stage_last_convs(weights)[-1] if weights else "weights")
     hidden_layer = hidden_layer or (stages[-2] if len(stages) > 1 else stages[-1] if stages else "hidden")
     panels = {
-        f"weights: {weight_layer}": {k: c["weights"][weight_layer] for k, c in collapse.items()
-                                     if weight_layer in (c.get("weights") or {})},
-        f"hidden features: {hidden_layer}": {k: c["hidden"][hidden_layer] for k, c in collapse.items()
-                                             if hidden_layer in (c.get("hidden") or {})},
-        "representation": {k: c["representation"] for k, c in collapse.items() if c.get("representation")},
+        f"weights: {weight_layer}": _panel(collapse, "weights", weight_layer),
+        f"hidden features: {hidden_layer}": _panel(collapse, "hidden", hidden_layer),
+        "representation": _panel(collapse, "representation"),
     }
     title = _titled(title or f"Figure 2 analogue: BYOL on CIFAR-10, {_backbone_text(runs)}", runs)
     return plots.plot_spectra_panels(panels, title, ncols=3)
@@ -564,10 +657,11 @@ def save_spectra_figure(
 
 
 def stage_spectra_figure(
-    records: Sequence[Mapping[str, Any]], runs: Mapping[str, Mapping[str, Any]] | None = None, title: str | None = None
+    records: Sequence[Mapping[str, Any]], runs: Runs | None = None, title: str | None = None
 ) -> Figure:
     """Figure 3 analogue: the hidden-feature spectrum of each ResNet stage (one panel per
-    stage), without OR, with SO and with SRIP (default :func:`figure3_runs`)."""
+    stage), without OR, with SO and with SRIP (default :func:`figure3_runs`, every seed: mean
+    and min-max band). The last stage's pooled output is the representation itself."""
     runs = figure3_runs(records) if runs is None else runs
     title = _titled(title or f"Figure 3 analogue: hidden features per stage, BYOL on CIFAR-10, {_backbone_text(runs)}", runs)
     return spectra_figure(records, "hidden", runs=runs, title=title)
@@ -576,155 +670,319 @@ def stage_spectra_figure(
 # ----------------------------------------------------------------------------------------------
 # Claims
 # ----------------------------------------------------------------------------------------------
+#: Verdicts of a comparison beyond those of :mod:`or_core.stats`: its runs are recorded but the
+#: measure is not (e.g. no stage before the representation), or nothing is recorded at all.
+NOT_MEASURED = "not measured"
+#: The ``comparison`` of a claim's own line in :func:`claims`, below its comparisons.
+ALL_COMPARISONS = "all comparisons"
+#: The columns of :func:`claims` worth reading; the others hold the details.
+CLAIM_COLUMNS = ("claim", "comparison", "effect", "95% CI", "seeds", "verdict")
+#: The rule of every comparison's verdict, in words.
+VERDICT_RULE = stats.RULE
+
+
 def verdict(deltas: Sequence[float]) -> str:
-    """The verdict of signed differences, each positive when it agrees with a claim: no numbers
-    -> "no data yet"; every one positive -> "supported"; at most half positive -> "not
-    supported"; otherwise "mixed"."""
+    """The verdict of one comparison's signed paired differences (each > 0 when it agrees with
+    the claim; ``NaN`` dropped): the paired-t 95% interval of their mean above 0 "supported",
+    containing 0 "no detectable effect", below 0 "contradicted"
+    (:func:`or_core.stats.paired_comparison`); one difference "too few seeds", none "no data yet"."""
     values = [float(d) for d in deltas if d is not None and not math.isnan(float(d))]
-    if not values:
-        return NO_DATA
-    positive = sum(v > 0 for v in values)
-    if positive == len(values):
-        return SUPPORTED
-    return NOT_SUPPORTED if positive <= len(values) / 2 else MIXED
+    return stats.paired_comparison(values).verdict if values else NO_DATA
 
 
-VERDICT_RULE = "every difference > 0: supported; at most half > 0: not supported; else mixed"
+def _signed(value: float) -> str:
+    return f"{value:+.4g}"
 
 
-def _claim(key: str, claim: str, source: str, measure: str, deltas: Sequence[float], labels: Sequence[str]) -> dict[str, Any]:
-    """One row of :func:`claims`: the differences, their count and sign, the verdict."""
-    values = [float(d) for d in deltas]
-    details = "; ".join(f"{label}: {value:+.4g}" for label, value in zip(labels, values))
+def _interval_text(result: stats.PairedComparison) -> str:
+    """``"[-0.0123, +0.0345]"``, or ``"-"`` without an interval (fewer than two seeds)."""
+    return f"[{_signed(result.low)}, {_signed(result.high)}]" if result.has_interval else "-"
+
+
+def _comparison_row(claim: Mapping[str, str], scale: str, label: str, seeds: Sequence[int],
+                    deltas: Sequence[float]) -> dict[str, Any]:
+    """One comparison of a claim: its paired differences summarized by
+    :func:`or_core.stats.paired_comparison`. Pairs whose measure is missing count as no seed;
+    when every pair lacks it, the verdict is "not measured"."""
+    result = stats.paired_comparison(deltas)
+    measured = [d for d in deltas if not math.isnan(d)]
+    details = "; ".join(f"s{seed}: {'not measured' if math.isnan(d) else _signed(d)}" for seed, d in zip(seeds, deltas))
     return {
-        "id": key,
-        "claim": claim,
-        "paper": source,
-        "measure (difference > 0 agrees)": measure,
-        "n": len(values),
-        "positive": int(sum(v > 0 for v in values)),
-        "mean difference": float(np.mean(values)) if values else math.nan,
-        "differences": details or "-",
-        "verdict": verdict(values),
+        **claim, "scale": scale, "comparison": label, "effect": result.mean, "95% CI": _interval_text(result),
+        "seeds": result.n, "verdict": NOT_MEASURED if not measured else result.verdict,
+        "ci_low": result.low, "ci_high": result.high, "differences": details,
+        # the names of the sign-count table, still read by notebook 03
+        "n": result.n, "positive": int(sum(d > 0 for d in measured)), "mean difference": result.mean,
     }
 
 
+def claim_counts(rows: pd.DataFrame) -> dict[str, int]:
+    """How many of a claim's comparison rows (of :func:`claims`, without its own line) got each
+    verdict, and how many had at least two seeds (``"with an interval"``)."""
+    verdicts = rows["verdict"].tolist()
+    counts = {name: verdicts.count(name) for name in (*stats.VERDICTS, TOO_FEW, NOT_MEASURED)}
+    counts["with an interval"] = sum(counts[name] for name in stats.VERDICTS)
+    return counts
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _claim_line(counts: Mapping[str, int]) -> str:
+    """The claim-level verdict: ``"of 1 comparison with >= 2 seeds: supported in 0, no
+    detectable effect in 1, contradicted in 0; 6 comparisons with too few seeds"``."""
+    n = counts["with an interval"]
+    parts = [f"of {_plural(n, 'comparison')} with >= {stats.MIN_SEEDS} seeds: "
+             + ", ".join(f"{name} in {counts[name]}" for name in stats.VERDICTS)
+             if n else f"no comparison with >= {stats.MIN_SEEDS} seeds"]
+    if counts[TOO_FEW]:
+        parts.append(f"{_plural(counts[TOO_FEW], 'comparison')} with too few seeds")
+    if counts[NOT_MEASURED]:
+        parts.append(f"{_plural(counts[NOT_MEASURED], 'comparison')} not measured")
+    return "; ".join(parts)
+
+
+def _claim_rows(key: str, claim: str, source: str, measure: str, pairs: pd.DataFrame) -> list[dict[str, Any]]:
+    """A claim's rows: one per comparison of ``pairs`` (columns ``scale``, ``comparison``,
+    ``suffix``, ``gamma``, ``seed``, ``delta``, the delta signed so that > 0 agrees with the
+    claim; the comparison is named ``comparison (gamma ...)suffix``), then
+    the claim's own line (:data:`ALL_COMPARISONS`); only that line, "no data yet", without pairs."""
+    head = {"id": key, "claim": claim, "paper": source, "measure (difference > 0 agrees)": measure}
+    several_scales = pairs["scale"].nunique() > 1
+    rows = []
+    for (scale, label, suffix), part in pairs.groupby(["scale", "comparison", "suffix"], sort=True):
+        part = part.sort_values("seed")
+        gammas = sorted({float(g) for g in part["gamma"] if not pd.isna(g)})
+        name = label + (f" (gamma {', '.join(_gamma_text(g) for g in gammas)})" if gammas else "") + suffix
+        name = f"[{scale}] {name}" if several_scales else name
+        rows.append(_comparison_row(head, str(scale), name, part["seed"].astype(int).tolist(),
+                                    part["delta"].astype(float).tolist()))
+    counts = claim_counts(pd.DataFrame(rows, columns=["verdict"])) if rows else None
+    scale = ", ".join(sorted({str(s) for s in pairs["scale"]})) or NO_RECORDS
+    rows.append({**head, "scale": scale, "comparison": ALL_COMPARISONS, "effect": math.nan, "95% CI": "",
+                 "seeds": sum(r["seeds"] for r in rows), "verdict": _claim_line(counts) if counts else NO_DATA,
+                 "ci_low": math.nan, "ci_high": math.nan, "differences": "", "n": sum(r["n"] for r in rows),
+                 "positive": sum(r["positive"] for r in rows), "mean difference": math.nan})
+    return rows
+
+
+def _pairs(table: pd.DataFrame, label: pd.Series, delta: pd.Series, suffix: pd.Series | str = "") -> pd.DataFrame:
+    """The columns :func:`_claim_rows` reads, from a table of paired runs (``suffix``: written
+    after the gamma, e.g. a transfer target)."""
+    return pd.DataFrame({"scale": table["scale"], "comparison": label, "suffix": suffix,
+                         "gamma": table.get("gamma", math.nan), "seed": table["seed"], "delta": delta.astype(float)})
+
+
+_PAIR_COLUMNS = ["scale", "comparison", "suffix", "gamma", "seed", "delta"]
+
+
+def _or_pairs(frame: pd.DataFrame, column: str, regularizers: Sequence[str], sign: float) -> pd.DataFrame:
+    """Runs with OR against the run without OR of the same method, data set and seed (every
+    seed): one comparison per (method, data set, regularizer)."""
+    table = paired_differences(frame, column, regularizers, seed=None, dropna=False)
+    label = table["method"] + " / " + table["dataset"] + " / " + table["regularizer"].map(lambda r: _LABELS.get(r, r))
+    return _pairs(table, label, sign * table["delta"]) if len(table) else pd.DataFrame(columns=_PAIR_COLUMNS)
+
+
 def _or_claim(key: str, frame: pd.DataFrame, claim: str, source: str, measure: str, column: str,
-              sign: float = 1.0, regularizers: Sequence[str] = ("so", "srip"), seed: int | None = None) -> dict[str, Any]:
-    """A claim about OR: runs with OR against the same runs without (:func:`paired_differences`)."""
-    table = paired_differences(frame, column, regularizers, seed)
-    labels = [f"{m}/{d}/s{sd} {_LABELS.get(r, r)}"
-              for m, d, sd, r in zip(table["method"], table["dataset"], table["seed"], table["regularizer"])]
-    return _claim(key, claim, source, measure, (sign * table["delta"]).tolist(), labels)
+              sign: float = 1.0, regularizers: Sequence[str] = ("so", "srip")) -> list[dict[str, Any]]:
+    """A claim about OR, per comparison (method, data set, regularizer) over the paired seeds."""
+    return _claim_rows(key, claim, source, measure, _or_pairs(frame, column, regularizers, sign))
+
+
+def _method_pairs(frame: pd.DataFrame, column: str, first: tuple[str, str], second: tuple[str, str],
+                  what: str = "") -> pd.DataFrame:
+    """``column`` of the runs ``first`` = (method, regularizer) minus those of ``second``, paired by
+    scale, data set and seed; one comparison per data set."""
+    runs = select_runs(frame, seed=None)
+    keys = ["scale", "dataset", "seed"]
+
+    def part(method: str, regularizer: str) -> pd.DataFrame:
+        return runs[(runs["method"] == method) & (runs["regularizer"] == regularizer)][[*keys, column]]
+
+    table = part(*first).merge(part(*second), on=keys, suffixes=("", "_other"))
+    if table.empty:
+        return pd.DataFrame(columns=_PAIR_COLUMNS)
+    names = [f"{m}{' + ' + _LABELS.get(r, r) if r != 'none' else ''}" for m, r in (first, second)]
+    label = f"{what}{names[0]} - {names[1]} / " + table["dataset"]
+    return _pairs(table, label, table[column].astype(float) - table[f"{column}_other"].astype(float))
 
 
 def _whitening_claims(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """Feature whitening against BYOL (representation) and against BYOL + SO (weights, hidden)."""
-    runs = select_runs(frame, seed=None)
-    keys = ["scale", "dataset", "seed"]
-    white = runs[(runs["method"] == "byol_whitening") & (runs["regularizer"] == "none")]
-    byol = runs[(runs["method"] == "byol") & (runs["regularizer"] == "none")]
-    so = runs[(runs["method"] == "byol") & (runs["regularizer"] == "so")]
-    rep = white.merge(byol, on=keys, suffixes=("", "_byol"))
-    inner = white.merge(so, on=keys, suffixes=("", "_so"))
-    deltas, labels = [], []
-    for column in ("weight_flatness", "hidden_flatness"):
-        deltas += (inner[f"{column}_so"] - inner[column]).tolist()
-        labels += [f"{column} {d}/s{sd}" for d, sd in zip(inner["dataset"], inner["seed"])]
+    """Feature whitening against BYOL (representation) and against BYOL + SO (weights, hidden
+    features), each paired by data set and seed."""
+    white, byol, so = ("byol_whitening", "none"), ("byol", "none"), ("byol", "so")
+    inside = pd.concat([_method_pairs(frame, "weight_flatness", so, white, "weight flatness: "),
+                        _method_pairs(frame, "hidden_flatness", so, white, "hidden-feature flatness: ")],
+                       ignore_index=True)
     return [
-        _claim("whitening_representation", "Feature whitening keeps the representation from collapsing",
-               "Figure 2 (representations)", "effective rank of the representation: BYOL + whitening - BYOL",
-               (rep["effective_rank"] - rep["effective_rank_byol"]).tolist(),
-               [f"{d}/s{sd}" for d, sd in zip(rep["dataset"], rep["seed"])]),
-        _claim("whitening_inside", "Whitening does not protect weights and hidden features as OR does",
-               "Figure 2 (weights, hidden features)", "weight / hidden-feature flatness: BYOL + SO - BYOL + whitening",
-               deltas, labels),
+        *_claim_rows("whitening_representation", "Feature whitening keeps the representation from collapsing",
+                     "Figure 2 (representations)", "effective rank of the representation: BYOL + whitening - BYOL",
+                     _method_pairs(frame, "effective_rank", white, byol)),
+        *_claim_rows("whitening_inside", "Whitening does not protect weights and hidden features as OR does",
+                     "Figure 2 (weights, hidden features)",
+                     "weight / hidden-feature flatness (stages before the last): BYOL + SO - BYOL + whitening", inside),
     ]
 
 
-def _transfer_claim(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Transfer probes of encoders pretrained with OR against the same runs without."""
-    pairs = _transfer_differences(records)
-    labels = [f"{target} from {method}/{dataset}/s{seed} {_LABELS.get(reg, reg)}" + ("" if paired else " (unpaired)")
-              for target, method, dataset, seed, reg, paired in zip(pairs["target"], pairs["method"],
-                                                                    pairs["pretrained on"], pairs["seed"],
-                                                                    pairs["regularizer"], pairs["paired"])]
-    return _claim("transfer", "OR improves transfer (frozen encoder, linear probe)", "Table 5",
-                  "transfer linear top-1: with OR - without (same seed, else the mean without OR)",
-                  pairs["delta"].tolist(), labels)
+def _transfer_pairs(records: Sequence[Mapping[str, Any]], metric: str = "linear_top1") -> pd.DataFrame:
+    """Each transfer probe with OR minus the probe without OR of the same pretraining method,
+    data set, target and seed; a probe whose seed was not probed without OR has no partner and
+    its difference is ``NaN`` (not measured), never a difference to another seed."""
+    table = transfer_table(records)
+    if table.empty:
+        return pd.DataFrame(columns=_PAIR_COLUMNS)
+    keys = ["target", "scale", "method", "pretrained on", "seed"]
+    base = table[table["regularizer"] == "none"][[*keys, metric]]
+    pairs = table[table["regularizer"] != "none"].merge(base, on=keys, how="left", suffixes=("", "_none"))
+    gammas = {(r.get("scale"), r.get("name")): (r.get("summary") or {}).get("gamma") for r in records}
+    pairs["gamma"] = [gammas.get((s, n)) for s, n in zip(pairs["scale"], pairs["name"])]
+    label = pairs["method"] + " / " + pairs["pretrained on"] + " / " + pairs["regularizer"].map(lambda r: _LABELS.get(r, r))
+    return _pairs(pairs, label, pairs[metric].astype(float) - pairs[f"{metric}_none"].astype(float),
+                  suffix=" -> " + pairs["target"])
 
 
 def claims(frame: pd.DataFrame, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """The paper's claims, indexed by a short id, each with its numbers and a computed verdict
-    (:func:`verdict`, rule :data:`VERDICT_RULE`).
+    """The paper's claims, each per comparison with a verdict computed from the records (rule
+    :data:`VERDICT_RULE`), indexed by a short id.
 
-    Every difference compares runs that differ only in the thing the claim is about (same
-    method, data set and seed; runs from :func:`select_runs`), signed so that a positive
-    difference agrees with the claim; only a transfer probe without a partner of its seed is
-    compared with the mean of the probes without OR (marked "unpaired"). ``frame`` is :func:`records_frame` of ``records``. A
-    claim without any pair of runs is "no data yet". Ids: ``accuracy_so``, ``accuracy_srip``,
-    ``accuracy_knn``, ``seeds``, ``orthogonality``, ``weights``, ``hidden``,
-    ``representation``, ``whitening_representation``, ``whitening_inside``, ``transfer``.
+    A comparison holds the runs that share everything but the thing a claim is about: the
+    method, data set and regularizer (and scale) of a claim about OR, paired by seed (same
+    training subset and initialization; runs from :func:`select_runs`). Its row gives the mean
+    of the signed paired differences (``effect``, > 0 agrees with the claim), their paired-t 95%
+    interval, the number of seeds and the verdict of :func:`or_core.stats.paired_comparison`:
+    "supported" (interval above 0), "no detectable effect" (containing 0), "contradicted"
+    (below 0), "too few seeds" (one pair: no interval), "not measured" (the runs are recorded
+    but the measure is not). Below a claim's comparisons, its own line (comparison
+    :data:`ALL_COMPARISONS`) says in how many comparisons with >= 2 seeds it is supported, shows
+    no detectable effect or is contradicted, and how many have too few seeds; a claim without
+    any pair of runs has only that line, "no data yet".
+
+    Hidden features and the representation are separate measurements: ``hidden`` uses the
+    stages before the last (a ResNet's layer1-3; the pooled layer4 *is* the representation),
+    ``representation`` the effective rank of the encoder's output.
+
+    ``frame`` is :func:`records_frame` of ``records``. Columns: :data:`CLAIM_COLUMNS` (the ones
+    to read), then ``scale``, ``paper``, the measure, ``ci_low``, ``ci_high``, the per-seed
+    ``differences`` and ``n``/``positive``/``mean difference`` (seeds, how many differences
+    are > 0, the effect). Ids: ``accuracy_so``, ``accuracy_srip``, ``accuracy_knn``, ``seeds``,
+    ``orthogonality``, ``weights``, ``hidden``, ``representation``,
+    ``whitening_representation``, ``whitening_inside``, ``transfer``.
     """
     byol10 = frame[(frame["method"] == "byol") & (frame["dataset"] == "cifar10")]
     rows = [
-        _or_claim("accuracy_so", frame, "OR (SO) improves linear accuracy across methods and data sets",
-                  "Tables 1, 2, 4", "linear top-1: with SO - without (seed 0)", "linear_top1",
-                  regularizers=("so",), seed=0),
-        _or_claim("accuracy_srip", frame, "OR (SRIP) improves linear accuracy across methods and data sets",
-                  "Table 2", "linear top-1: with SRIP - without (seed 0)", "linear_top1", regularizers=("srip",), seed=0),
-        _or_claim("accuracy_knn", frame, "OR improves kNN accuracy across methods and data sets", "Tables 2, 4",
-                  "kNN top-1: with OR - without (seed 0)", "knn_top1", seed=0),
-        _or_claim("seeds", byol10, "BYOL + SO beats BYOL on CIFAR-10 on every seed", "Table 1 (single runs there)",
-                  "kNN top-1: with SO - without, same seed", "knn_top1", regularizers=("so",)),
-        _or_claim("orthogonality", frame, "OR keeps the weights closer to orthogonal", "the OR objective",
-                  "final orthogonality error sum of ||G||_F^2: without OR - with", "or_so_total", sign=-1.0),
-        _or_claim("weights", frame, "OR keeps weight spectra from collapsing", "Figure 2 (weights)",
-                  "weight flatness (effective rank / size, mean over layers): with OR - without", "weight_flatness"),
-        _or_claim("hidden", frame, "OR keeps hidden-feature spectra from collapsing", "Figures 2, 3 (hidden features)",
-                  "hidden-feature flatness (mean over stages): with OR - without", "hidden_flatness"),
-        _or_claim("representation", frame, "OR keeps the representation from collapsing", "Figure 2 (representations)",
-                  "effective rank of the representation: with OR - without", "effective_rank"),
+        *_or_claim("accuracy_so", frame, "OR (SO) improves linear accuracy across methods and data sets",
+                   "Tables 1, 2, 4", "linear top-1: with SO - without", "linear_top1", regularizers=("so",)),
+        *_or_claim("accuracy_srip", frame, "OR (SRIP) improves linear accuracy across methods and data sets",
+                   "Table 2", "linear top-1: with SRIP - without", "linear_top1", regularizers=("srip",)),
+        *_or_claim("accuracy_knn", frame, "OR improves kNN accuracy across methods and data sets", "Tables 2, 4",
+                   "kNN top-1: with OR - without", "knn_top1"),
+        *_or_claim("seeds", byol10, "BYOL + SO beats BYOL on CIFAR-10 over paired seeds", "Table 1 (single runs there)",
+                   "kNN top-1: with SO - without, same seed", "knn_top1", regularizers=("so",)),
+        *_or_claim("orthogonality", frame, "OR keeps the weights closer to orthogonal", "the OR objective",
+                   "final orthogonality error sum of ||G||_F^2: without OR - with", "or_so_total", sign=-1.0),
+        *_or_claim("weights", frame, "OR keeps weight spectra from collapsing", "Figure 2 (weights)",
+                   "weight flatness (effective rank / size, mean over layers): with OR - without", "weight_flatness"),
+        *_or_claim("hidden", frame, "OR keeps hidden-feature spectra from collapsing", "Figures 2, 3 (hidden features)",
+                   "hidden-feature flatness (mean over the stages before the last, e.g. layer1-3): with OR - without",
+                   "hidden_flatness"),
+        *_or_claim("representation", frame, "OR keeps the representation from collapsing", "Figure 2 (representations)",
+                   "effective rank of the representation (the encoder's output): with OR - without", "effective_rank"),
         *_whitening_claims(frame),
-        _transfer_claim(records),
+        *_claim_rows("transfer", "OR improves transfer (frozen encoder, linear probe)", "Table 5",
+                     "transfer linear top-1: with OR - without, same seed", _transfer_pairs(records)),
     ]
     table = pd.DataFrame(rows).set_index("id")
-    table.insert(0, "scale", scale_label(frame))
-    return table
+    table["seeds"] = table["seeds"].astype(int)
+    table.loc[table["scale"] == NO_RECORDS, "scale"] = scale_label(frame)  # claims without pairs
+    first = [*CLAIM_COLUMNS, "scale"]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
+def claims_view(table: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`claims` table for reading: the columns of :data:`CLAIM_COLUMNS`, each claim
+    written on its first row only, effects signed with four significant digits, ``-`` for
+    an effect without a difference. The claim's own line keeps ``seeds``: the pairs of all its
+    comparisons."""
+    view = table[list(CLAIM_COLUMNS)].copy()
+    view["effect"] = ["-" if pd.isna(v) else _signed(v) for v in view["effect"]]
+    view.loc[view["comparison"] == ALL_COMPARISONS, "effect"] = ""
+    view.loc[view["claim"].eq(view["claim"].shift()), "claim"] = ""
+    return view
+
+
+def claim_lines(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per claim of a :func:`claims` table: its own line and the counts of its
+    comparisons' verdicts (:func:`claim_counts`), in the table's order."""
+    rows = []
+    for key in dict.fromkeys(table.index):
+        part = table.loc[[key]]
+        comparisons = part[part["comparison"] != ALL_COMPARISONS]
+        own = part[part["comparison"] == ALL_COMPARISONS].iloc[0]
+        rows.append({"id": key, "claim": own["claim"], "scale": own["scale"], "line": own["verdict"],
+                     "comparisons": len(comparisons), **claim_counts(comparisons)})
+    return pd.DataFrame(rows).set_index("id") if rows else pd.DataFrame()
+
+
+def _with_interval(row: pd.Series) -> str:
+    """``"byol / cifar10 / SO (gamma 1e-5): +0.0083, 95% CI [-0.012, +0.029], 3 seeds"``."""
+    return f"{row['comparison']}: {_signed(row['effect'])}, 95% CI {row['95% CI']}, {row['seeds']} seeds"
 
 
 def claims_summary(table: pd.DataFrame) -> str:
-    """The verdicts of a :func:`claims` table in plain words (Markdown): one bullet per verdict,
-    each claim with how many of its differences agree with the paper, then the claims still
-    without data. Nothing in it is typed in: every word comes from ``table``."""
+    """The verdicts of a :func:`claims` table in plain words (Markdown): under each verdict of
+    the comparisons with >= 2 seeds, the claims that got it, each with those comparisons' effect
+    and interval and how many of its comparisons had too few seeds; then the claims with no
+    comparison of >= 2 seeds, the ones not measured and the ones without data. Nothing in it is
+    typed in: every word comes from ``table``."""
     if table.empty:
         return "No claims to report."
     scale = ", ".join(sorted(set(table["scale"].astype(str))))
-    lines = [f"At the **{scale}** scale, against the rule *{VERDICT_RULE}*:", ""]
-    headings = {SUPPORTED: "Supported", MIXED: "Mixed", NOT_SUPPORTED: "Not supported"}
-    for verdict_name, heading in headings.items():
-        rows = table[table["verdict"] == verdict_name]
-        if rows.empty:
-            continue
-        items = "; ".join(f"{row['claim'].rstrip('.')} ({row['positive']} of {row['n']})"
-                          for _, row in rows.iterrows())
-        lines.append(f"* **{heading}**: {items}.")
-    waiting = table[table["verdict"] == NO_DATA]
+    lines = [f"At the **{scale}** scale, each claim is checked per comparison (runs that share method, data set "
+             f"and regularizer, paired by seed), against the rule *{VERDICT_RULE}*:", ""]
+    overview = claim_lines(table)
+    comparisons = table[table["comparison"] != ALL_COMPARISONS]
+    for name in stats.VERDICTS:
+        items = []
+        for key, claim in overview[overview[name] > 0].iterrows():
+            hits = comparisons.loc[[key]]
+            hits = hits[hits["verdict"] == name]
+            few = f"; {_plural(claim[TOO_FEW], 'other comparison')} with too few seeds" if claim[TOO_FEW] else ""
+            items.append(f"{claim['claim'].rstrip('.')} ({'; '.join(_with_interval(r) for _, r in hits.iterrows())}{few})")
+        if items:
+            lines.append(f"* **{name.capitalize()}**: {'; '.join(items)}.")
+    few_only = overview[(overview["with an interval"] == 0) & (overview[TOO_FEW] > 0)]
+    if not few_only.empty:
+        items = "; ".join(f"{c['claim'].rstrip('.')} ({_plural(c[TOO_FEW], 'comparison')})" for _, c in few_only.iterrows())
+        lines.append(f"* **Too few seeds** (one seed per comparison: a difference, no verdict): {items}.")
+    unmeasured = overview[(overview[NOT_MEASURED] > 0)]
+    if not unmeasured.empty:
+        items = "; ".join(f"{c['claim'].rstrip('.')} ({_plural(c[NOT_MEASURED], 'comparison')})"
+                          for _, c in unmeasured.iterrows())
+        lines.append(f"* **Not measured** (runs recorded, the measure not): {items}.")
+    waiting = overview[overview["comparisons"] == 0]
     if not waiting.empty:
         lines.append(f"* **No data yet**: {'; '.join(waiting['claim'])}.")
     return "\n".join(lines)
 
 
 def styled(table: pd.DataFrame, digits: int = 3) -> Any:
-    """``table`` for display: gammas as ``1e-6``, other numbers with ``digits`` decimals, gaps
-    as ``-``. Returns a pandas ``Styler`` (the notebook shows it as HTML)."""
+    """``table`` for display: gammas as ``1e-6``, integers as integers, other numbers with
+    ``digits`` decimals, gaps as ``-``. Returns a pandas ``Styler`` (the notebook shows it as
+    HTML)."""
     def is_gamma(column: Any) -> bool:
         return "gamma" in (column if isinstance(column, tuple) else (column,))
 
+    def formatter(column: Any) -> Any:
+        if is_gamma(column):
+            return lambda v: "-" if pd.isna(v) else _gamma_text(v)
+        if pd.api.types.is_integer_dtype(table[column]):
+            return lambda v: "-" if pd.isna(v) else f"{int(v)}"
+        return lambda v, d=digits: "-" if pd.isna(v) else f"{v:.{d}f}"
+
     numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c]) and table[c].dtype != bool]
-    formats = {c: (lambda v: "-" if pd.isna(v) else _gamma_text(v)) if is_gamma(c) else
-               (lambda v, d=digits: "-" if pd.isna(v) else f"{v:.{d}f}") for c in numeric}
-    return table.style.format(formats)
+    return table.style.format({c: formatter(c) for c in numeric})
 
 
 # ----------------------------------------------------------------------------------------------

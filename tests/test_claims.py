@@ -5,6 +5,13 @@ configs/matrix_cpu.yaml`` committed and assert what holds in them. The matrix fi
 time; a claim whose runs are not recorded yet is skipped with the names it waits for, and a new
 record that contradicts a claim asserted here fails the suite, so that the book's statements
 (computed by :func:`or_core.report.claims` in notebook 05) and these tests move together.
+
+Verdicts follow :mod:`or_core.stats`: per comparison (method, data set, regularizer), the mean of
+the paired differences over seeds and its paired-t 95% interval; one seed gives no verdict.
+``test_claim_verdicts_are_those_the_records_support`` recomputes every comparison from the raw
+records, independently of :mod:`or_core.report`, and a literal pins the BYOL/CIFAR-10/SO
+comparison (three seeds). The tests of single pairs further down state what each pair shows,
+which is no verdict.
 """
 
 from __future__ import annotations
@@ -14,9 +21,13 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import math
+
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
+from or_core import report
 from or_core.experiments import load_matrix, run_name
 from or_core.records import load_records
 
@@ -184,3 +195,132 @@ def test_readme_quotes_the_gpu_throughputs_from_the_benchmark_files() -> None:
     for label, method in (("SwaV", "swav"), ("DINO", "dino"), ("NNCLR", "nnclr"), ("BYOL", "byol"), ("Barlow Twins", "barlowtwins")):
         assert f"{label} {methods[method]:,.0f}" in flat, (label, methods[method])
     assert f"{min(methods.values()):,.0f}-{max(methods.values()):,.0f} images/s with SO" in flat
+
+
+# ----------------------------------------------------------------------------------------------
+# Verdicts under the noise model of or_core.stats
+# ----------------------------------------------------------------------------------------------
+def _erank_ratio(eigenvalues: list[float]) -> float:
+    """erank / len of one stored spectrum (see :func:`_weight_flatness`)."""
+    s = np.sqrt(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None))
+    p = s[s > 0] / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum())) / len(s)
+
+
+def _hidden_flatness(record: dict) -> float:
+    """Mean erank / len over layer1-3: the stages before the last, whose pooled output (layer4)
+    is the representation itself and is measured by the representation claim instead."""
+    hidden = record["collapse"]["hidden"]
+    return float(np.mean([_erank_ratio(hidden[stage]) for stage in ("layer1", "layer2", "layer3")]))
+
+
+#: claim id -> (the measure of a record, sign: +1 when larger with OR agrees with the claim).
+MEASURES = {
+    "accuracy_so": (lambda r: r["summary"]["linear_top1"], 1.0, ("so",)),
+    "accuracy_srip": (lambda r: r["summary"]["linear_top1"], 1.0, ("srip",)),
+    "accuracy_knn": (lambda r: r["summary"]["knn_top1"], 1.0, ("so", "srip")),
+    "orthogonality": (lambda r: r["summary"]["or_so_total"], -1.0, ("so", "srip")),
+    "weights": (_weight_flatness, 1.0, ("so", "srip")),
+    "hidden": (_hidden_flatness, 1.0, ("so", "srip")),
+    "representation": (lambda r: r["summary"]["effective_rank"], 1.0, ("so", "srip")),
+}
+
+
+def _expected(claim: str) -> dict[tuple[str, str, str], tuple[int, float, str]]:
+    """(method, data set, regularizer) -> (seeds, mean difference, verdict), from the raw records:
+    every run with OR at the gamma chosen on validation against the run without OR of its seed;
+    the verdict from mean +- t_{0.975, n-1} sd / sqrt(n) (sd with ddof=1), none below 2 seeds."""
+    measure, sign, regularizers = MEASURES[claim]
+    baseline = {_key(r): r for r in RECORDS if r["config"]["regularizer"] == "none"}
+    deltas: dict[tuple[str, str, str], list[float]] = {}
+    for record in RECORDS:
+        reg = record["config"]["regularizer"]
+        if reg in regularizers and record.get("gamma_choice") is not None and _key(record) in baseline:
+            method, dataset, _ = _key(record)
+            deltas.setdefault((method, dataset, reg), []).append(sign * (measure(record) - measure(baseline[_key(record)])))
+    out = {}
+    for key, values in deltas.items():
+        n, mean = len(values), float(np.mean(values))
+        if n < 2:
+            out[key] = (n, mean, "too few seeds")
+            continue
+        half = scipy_stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n)
+        verdict = "supported" if mean - half > 0 else "contradicted" if mean + half < 0 else "no detectable effect"
+        out[key] = (n, mean, verdict)
+    return out
+
+
+def _claims_table():
+    return report.claims(report.records_frame(RECORDS), RECORDS)
+
+
+@pytest.mark.parametrize("claim", list(MEASURES))
+def test_claim_verdicts_are_those_the_records_support(claim: str) -> None:
+    """Every comparison of the claims table, recomputed from the raw records: the same
+    comparisons, seeds, mean difference (to 1e-9: sums of a few numbers in another order) and
+    verdict, and a claim line that counts them."""
+    if not RECORDS:
+        pytest.skip(f"no records in {RESULTS} yet")
+    expected = _expected(claim)
+    rows = _claims_table().loc[[claim]]
+    comparisons = rows[rows["comparison"] != report.ALL_COMPARISONS]
+    found = {}
+    for _, row in comparisons.iterrows():
+        method, dataset, label = row["comparison"].split(" (gamma")[0].split(" / ")
+        found[(method, dataset, label.lower())] = (row["seeds"], row["effect"], row["verdict"])
+    assert set(found) == set(expected)
+    for key, (n, mean, verdict) in expected.items():
+        assert found[key][0] == n and found[key][2] == verdict, key
+        assert found[key][1] == pytest.approx(mean, rel=1e-9, abs=1e-12), key
+    with_interval = [v for n, _, v in expected.values() if n >= 2]
+    line = rows[rows["comparison"] == report.ALL_COMPARISONS]["verdict"].iloc[0]
+    if with_interval:
+        assert line.startswith(f"of {len(with_interval)} comparison") and all(
+            f"{name} in {with_interval.count(name)}" in line for name in ("supported", "no detectable effect", "contradicted"))
+    few = sum(n < 2 for n, _, _ in expected.values())
+    assert (f"{few} comparison" in line) == (few > 0)
+
+
+def test_byol_cifar10_so_verdicts_over_its_three_seeds() -> None:
+    """The one comparison with several seeds (BYOL, CIFAR-10, SO at the chosen 1e-5, seeds 0-2),
+    pinned: a change of the rule or of these records shows here. OR lowers the orthogonality
+    error beyond the seeds' spread; no accuracy or spectrum difference is detectable with
+    three seeds."""
+    names = {f"byol-cifar10-{reg}-s{seed}" for reg in ("none", "so-1e-5") for seed in (0, 1, 2)}
+    if not names <= {r["name"] for r in RECORDS}:
+        pytest.skip(f"waiting for {sorted(names - {r['name'] for r in RECORDS})}")
+    table = _claims_table()
+    pinned = {"accuracy_so": "no detectable effect", "accuracy_knn": "no detectable effect",
+              "seeds": "no detectable effect", "orthogonality": "supported", "weights": "no detectable effect",
+              "hidden": "no detectable effect", "representation": "no detectable effect"}
+    comparison = "byol / cifar10 / SO (gamma 1e-5)"
+    for claim, verdict in pinned.items():
+        row = table.loc[[claim]].set_index("comparison").loc[comparison]
+        assert (row["seeds"], row["verdict"]) == (3, verdict), claim
+    orth = table.loc[["orthogonality"]].set_index("comparison").loc[comparison]
+    assert orth["95% CI"] == "[+10.64, +40.69]"  # final sum ||G||_F^2: without OR - with, three seeds
+    knn = table.loc[["seeds"]].set_index("comparison").loc[comparison]
+    assert knn["differences"] == "s0: +0.0265; s1: -0.0005; s2: +0.01"  # 2,000 test images: steps of 0.0005
+
+
+def test_every_other_comparison_has_one_seed_and_no_verdict() -> None:
+    """Apart from BYOL/CIFAR-10/SO, the cpu matrix trains one seed per comparison (and probes
+    the transfer of one seed without OR): each gets its difference and "too few seeds"."""
+    if not RECORDS:
+        pytest.skip(f"no records in {RESULTS} yet")
+    table = _claims_table()
+    comparisons = table[table["comparison"] != report.ALL_COMPARISONS]
+    several = comparisons[comparisons["seeds"] >= 2]
+    assert set(several["comparison"]) <= {"byol / cifar10 / SO (gamma 1e-5)"}
+    assert set(comparisons[comparisons["seeds"] < 2]["verdict"]) <= {"too few seeds"}
+    for claim in ("accuracy_srip", "whitening_representation", "whitening_inside", "transfer"):
+        line = table.loc[[claim]].set_index("comparison").loc[report.ALL_COMPARISONS, "verdict"]
+        assert line.startswith("no comparison with >= 2 seeds"), (claim, line)
+
+
+def test_the_committed_claims_summary_is_the_records_one() -> None:
+    """results/figures/claims_cpu_small.md (written by notebook 05) says what the records say now."""
+    if not RECORDS:
+        pytest.skip(f"no records in {RESULTS} yet")
+    text = (REPO / "results" / "figures" / "claims_cpu_small.md").read_text()
+    assert report.claims_summary(_claims_table()) in text and f"from the {len(RECORDS)} records" in text

@@ -196,57 +196,131 @@ def test_transfer_table(records: list[dict[str, Any]]) -> None:
     assert report.transfer_table([]).empty
 
 
-def test_transfer_claim_pairs_by_seed_else_against_the_mean_without_or() -> None:
+def test_transfer_claim_pairs_probes_by_seed_and_never_across_seeds() -> None:
     def probe(value: float) -> dict[str, Any]:
         return {"transfer": {"cifar100": {"linear_top1": value}}}
 
     records = [
         _record(**probe(0.20)), _record(seed=1, **probe(0.30)),
-        _record(regularizer="so", gamma=1e-6, seed=1, **probe(0.33)),  # paired with seed 1: +0.03
-        _record(regularizer="so", gamma=1e-6, seed=2, **probe(0.24)),  # seed 2 unprobed without OR: 0.24 - 0.25
+        _record(regularizer="so", gamma=1e-6, **probe(0.26)),  # seed 0: +0.06
+        _record(regularizer="so", gamma=1e-6, seed=1, **probe(0.33)),  # seed 1: +0.03
+        _record(regularizer="so", gamma=1e-6, seed=2, **probe(0.24)),  # seed 2 unprobed without OR: no partner
     ]
-    row = report.claims(report.records_frame(records), records).loc["transfer"]
-    assert (row["n"], row["positive"], row["verdict"]) == (2, 1, report.NOT_SUPPORTED)
-    assert row["mean difference"] == pytest.approx((0.03 - 0.01) / 2)
-    assert "s2 SO (unpaired): -0.01" in row["differences"]
+    table = report.claims(report.records_frame(records), records).loc["transfer"]
+    row = table.iloc[0]
+    assert row["comparison"] == "byol / cifar10 / SO (gamma 1e-6) -> cifar100"
+    # two pairs: mean 0.045, sd 0.03 / sqrt(2), half width t_{0.975,1} * sd / sqrt(2) = 12.706 * 0.015
+    half = math.tan(math.pi * 0.475) * 0.015
+    assert (row["seeds"], row["verdict"]) == (2, report.NO_EFFECT)
+    assert row["effect"] == pytest.approx(0.045) and (row["ci_low"], row["ci_high"]) == pytest.approx((0.045 - half, 0.045 + half))
+    assert row["differences"] == "s0: +0.06; s1: +0.03; s2: not measured"
 
 
 # ----------------------------------------------------------------------------------------------
 # Claims
 # ----------------------------------------------------------------------------------------------
+T2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # t_{0.975, 2}, closed form (see tests/test_stats.py)
+
+
 def test_verdict_rule() -> None:
     assert report.verdict([]) == report.NO_DATA
     assert report.verdict([math.nan]) == report.NO_DATA
-    assert report.verdict([0.1, 0.2]) == report.SUPPORTED
-    assert report.verdict([0.1, 0.2, -0.1]) == report.MIXED
-    assert report.verdict([0.1, -0.2]) == report.NOT_SUPPORTED
-    assert report.verdict([0.0]) == report.NOT_SUPPORTED
+    assert report.verdict([0.1]) == report.TOO_FEW
+    assert report.verdict([0.9, 1.0, 1.1]) == report.SUPPORTED
+    assert report.verdict([1.0, 2.0, 3.0]) == report.NO_EFFECT  # mean 2, CI 2 +- 2.4841
+    assert report.verdict([-1.1, -1.0, -0.9]) == report.CONTRADICTED
+    assert "paired-t" in report.VERDICT_RULE
+
+
+def _rows(table: pd.DataFrame, key: str) -> dict[str, pd.Series]:
+    """``{comparison: row}`` of one claim."""
+    return {row["comparison"]: row for _, row in table.loc[[key]].iterrows()}
 
 
 def test_claims_on_no_records_are_no_data_yet() -> None:
     table = report.claims(report.records_frame([]), [])
     assert len(table) >= 10 and set(table["verdict"]) == {report.NO_DATA}
-    assert (table["n"] == 0).all() and (table["scale"] == report.NO_RECORDS).all()
+    assert set(table["comparison"]) == {report.ALL_COMPARISONS} and table.index.is_unique
+    assert (table["seeds"] == 0).all() and (table["scale"] == report.NO_RECORDS).all()
 
 
-def test_claims_are_computed_from_the_records(frame: pd.DataFrame, records: list[dict[str, Any]]) -> None:
+def test_claims_are_computed_per_comparison_from_the_records(frame: pd.DataFrame, records: list[dict[str, Any]]) -> None:
     table = report.claims(frame, records)
-    so = table.loc["accuracy_so"]  # linear top-1, seed 0: byol/10 +0.02, byol/100 +0.02, simclr/10 +0.02
-    assert so["n"] == 3 and so["positive"] == 3 and so["verdict"] == report.SUPPORTED
-    assert so["mean difference"] == pytest.approx(0.02)
-    srip = table.loc["accuracy_srip"]  # byol/10 +0.01, simclr/100 -0.02
-    assert (srip["n"], srip["positive"], srip["verdict"]) == (2, 1, report.NOT_SUPPORTED)
-    knn = table.loc["accuracy_knn"]  # SO +0.03 +0.02 +0.01, SRIP +0.02 -0.01
-    assert (knn["n"], knn["positive"], knn["verdict"]) == (5, 4, report.MIXED)
-    seeds = table.loc["seeds"]
-    assert (seeds["n"], seeds["positive"], seeds["verdict"]) == (3, 2, report.MIXED)
-    assert table.loc["orthogonality", "positive"] == 4  # lower ||G||^2 in the four pairs where it changed
-    assert table.loc["weights", "verdict"] == report.MIXED  # flatter in 4 of 7 pairs (three kept rate 0.5)
-    assert table.loc["whitening_representation", "verdict"] == report.SUPPORTED  # 14 > 10
-    assert table.loc["whitening_inside", "verdict"] == report.SUPPORTED  # SO (0.8) flatter than whitening (0.6)
-    transfer = table.loc["transfer"]
-    assert transfer["n"] == 1 and transfer["mean difference"] == pytest.approx(0.05)
-    assert "byol/cifar10/s0 SO: +0.02" in so["differences"]
+    assert list(table.columns[:6]) == list(report.CLAIM_COLUMNS)
+    so = _rows(table, "accuracy_so")  # linear top-1: byol/10 seeds +0.02, 0, 0; byol/100 +0.02; simclr/10 +0.02
+    byol = so["byol / cifar10 / SO (gamma 1e-6)"]
+    sd = float(np.std([0.02, 0.0, 0.0], ddof=1))
+    assert byol["seeds"] == 3 and byol["effect"] == pytest.approx(0.02 / 3)
+    assert (byol["ci_low"], byol["ci_high"]) == pytest.approx((0.02 / 3 - T2 * sd / math.sqrt(3), 0.02 / 3 + T2 * sd / math.sqrt(3)))
+    assert byol["verdict"] == report.NO_EFFECT and byol["differences"] == "s0: +0.02; s1: +0; s2: +0"
+    assert byol["95% CI"] == f"[{byol['ci_low']:+.4g}, {byol['ci_high']:+.4g}]"
+    for name in ("byol / cifar100 / SO (gamma 1e-6)", "simclr / cifar10 / SO (gamma 1e-6)"):
+        assert (so[name]["seeds"], so[name]["verdict"], so[name]["95% CI"]) == (1, report.TOO_FEW, "-")
+        assert so[name]["effect"] == pytest.approx(0.02)
+    assert so[report.ALL_COMPARISONS]["verdict"] == (
+        "of 1 comparison with >= 2 seeds: supported in 0, no detectable effect in 1, contradicted in 0; "
+        "2 comparisons with too few seeds")
+    seeds = _rows(table, "seeds")  # kNN top-1 per seed: +0.03, -0.01, +0.04
+    assert seeds["byol / cifar10 / SO (gamma 1e-6)"]["verdict"] == report.NO_EFFECT
+    assert seeds["byol / cifar10 / SO (gamma 1e-6)"]["effect"] == pytest.approx(0.02)
+    srip = _rows(table, "accuracy_srip")  # one seed each: no verdict
+    assert {r["verdict"] for c, r in srip.items() if c != report.ALL_COMPARISONS} == {report.TOO_FEW}
+    assert srip[report.ALL_COMPARISONS]["verdict"] == "no comparison with >= 2 seeds; 2 comparisons with too few seeds"
+    # ||G||^2 fell by 60 on seed 0 and stayed at 100 on seeds 1 and 2: the interval holds 0
+    assert _rows(table, "orthogonality")["byol / cifar10 / SO (gamma 1e-6)"]["effect"] == pytest.approx(20.0)
+    assert _rows(table, "whitening_representation")["byol_whitening - byol / cifar10"]["effect"] == pytest.approx(4.0)
+    inside = _rows(table, "whitening_inside")
+    assert set(inside) == {"weight flatness: byol + SO - byol_whitening / cifar10",
+                           "hidden-feature flatness: byol + SO - byol_whitening / cifar10", report.ALL_COMPARISONS}
+    lines = report.claim_lines(table)
+    assert lines.loc["accuracy_so", ["comparisons", report.NO_EFFECT, report.TOO_FEW]].tolist() == [3, 1, 2]
+    view = report.claims_view(table)
+    assert list(view.columns) == list(report.CLAIM_COLUMNS) and view.loc["accuracy_so", "claim"].tolist()[1] == ""
+
+
+def test_claims_with_several_seeds_can_be_supported_or_contradicted() -> None:
+    """Three seeds of SimCLR with SO (linear +0.02, +0.03, +0.025: CI 0.025 +- 0.0124) and of
+    SimCLR on CIFAR-100 with SO (-0.02, -0.03, -0.025)."""
+    records = []
+    for seed, delta in enumerate((0.02, 0.03, 0.025)):
+        records += [_record(method="simclr", seed=seed, linear=0.4),
+                    _record(method="simclr", regularizer="so", gamma=1e-6, seed=seed, linear=0.4 + delta),
+                    _record(method="simclr", dataset="cifar100", seed=seed, linear=0.3),
+                    _record(method="simclr", dataset="cifar100", regularizer="so", gamma=1e-6, seed=seed, linear=0.3 - delta)]
+    table = report.claims(report.records_frame(records), records)
+    so = _rows(table, "accuracy_so")
+    up, down = so["simclr / cifar10 / SO (gamma 1e-6)"], so["simclr / cifar100 / SO (gamma 1e-6)"]
+    half = T2 * 0.005 / math.sqrt(3)  # sd of (0.02, 0.03, 0.025) is 0.005
+    assert (up["verdict"], up["seeds"]) == (report.SUPPORTED, 3)
+    assert (up["ci_low"], up["ci_high"]) == pytest.approx((0.025 - half, 0.025 + half), rel=1e-6)
+    assert down["verdict"] == report.CONTRADICTED and down["ci_high"] == pytest.approx(-0.025 + half, rel=1e-6)
+    assert so[report.ALL_COMPARISONS]["verdict"] == (
+        "of 2 comparisons with >= 2 seeds: supported in 1, no detectable effect in 0, contradicted in 1")
+    text = report.claims_summary(table)
+    lines = {line.split("**")[1]: line for line in text.splitlines() if line.startswith("* **")}
+    assert "simclr / cifar10 / SO (gamma 1e-6): +0.025, 95% CI [" in lines["Supported"]
+    assert "simclr / cifar100 / SO (gamma 1e-6): -0.025" in lines["Contradicted"]
+
+
+def test_hidden_features_leave_out_the_last_stage_which_is_the_representation() -> None:
+    """layer4 pooled is the representation: a collapsed layer4 must not move hidden_flatness,
+    and a record without stages before the last leaves the hidden claim "not measured"."""
+    record = _record(rate=1.0)
+    record["collapse"]["hidden"]["layer4"] = _decay(8, 0.01)  # collapsed, like the representation
+    record["collapse"]["representation"] = _decay(8, 0.01)
+    row = report.records_frame([record]).iloc[0]
+    assert row["hidden_flatness"] == pytest.approx(1.0) and row["representation_flatness"] < 0.3
+    assert list(report.hidden_stages(record["collapse"]["hidden"])) == ["layer1", "layer2", "layer3"]
+
+    pair = [_record(), _record(regularizer="so", gamma=1e-6, rate=0.8)]
+    for r in pair:
+        r["collapse"]["hidden"] = {"layer4": r["collapse"]["representation"]}  # the last stage only
+    table = report.claims(report.records_frame(pair), pair)
+    hidden = _rows(table, "hidden")["byol / cifar10 / SO (gamma 1e-6)"]
+    assert (hidden["verdict"], hidden["seeds"], hidden["differences"]) == (report.NOT_MEASURED, 0, "s0: not measured")
+    assert "1 comparison not measured" in _rows(table, "hidden")[report.ALL_COMPARISONS]["verdict"]
+    assert _rows(table, "representation")["byol / cifar10 / SO (gamma 1e-6)"]["verdict"] == report.TOO_FEW
+    assert "**Not measured**" in report.claims_summary(table)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,6 +339,13 @@ def test_spectra_figure_is_log_scale_with_one_line_per_run(records: list[dict[st
     fig = report.figure2(records)
     assert [ax.get_title() for ax in fig.axes] == ["weights: layer2.1.conv2", "hidden features: layer3", "representation"]
     assert all(len(ax.get_lines()) == 3 for ax in fig.axes)
+    # BYOL and BYOL + SO have three seeds (the same spectra here): a mean line and a band each
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == ["BYOL (mean of 3 seeds)", "BYOL + whitening", "BYOL + SO (gamma 1e-6) (mean of 3 seeds)"]
+    assert all(len(ax.collections) == 2 for ax in fig.axes)
+    assert report.SEED_BANDS in fig._suptitle.get_text()
+    single = report.figure2(records, runs=report.figure2_runs(records, seed=0))  # one seed: no band, no note
+    assert all(not ax.collections for ax in single.axes) and report.SEED_BANDS not in single._suptitle.get_text()
     fig = report.stage_spectra_figure(records)
     assert [ax.get_title() for ax in fig.axes] == list(STAGES)
     assert all(len(ax.get_lines()) == 3 and ax.get_yscale() == "log" for ax in fig.axes)  # none, SO, SRIP
@@ -281,17 +362,24 @@ def test_figures_of_no_records_say_no_data_yet() -> None:
 
 
 def test_gamma_response_marks_the_grid_the_choice_and_the_baseline(frame: pd.DataFrame) -> None:
+    from matplotlib.collections import LineCollection, PathCollection
+
     fig = report.gamma_response(frame)
     ax = fig.axes[1]  # test kNN
     assert ax.get_xscale() == "log"
-    labels = [line.get_label() for line in ax.get_lines()]
-    assert labels == ["byol + SO", "byol + SRIP", "byol without OR"]
-    assert ax.get_lines()[2].get_ydata()[0] == 0.50  # the baseline
-    hollow = [c for c in ax.collections if c.get_facecolors().size and np.allclose(c.get_facecolors()[:, :3], 1.0)]
-    ringed = [c for c in ax.collections if not c.get_facecolors().size]
-    assert [c.get_offsets().tolist() for c in ringed] == [[[1e-6, 0.53]]]  # the chosen gamma
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}  # not the caps
+    assert list(lines) == ["byol + SO", "byol + SRIP", "byol without OR (mean of 3 seeds)"]
+    assert lines["byol without OR (mean of 3 seeds)"].get_ydata()[0] == pytest.approx(0.52)  # mean of 0.50, 0.52, 0.54
+    points = [c for c in ax.collections if isinstance(c, PathCollection)]
+    hollow = [c for c in points if c.get_facecolors().size and np.allclose(c.get_facecolors()[:, :3], 1.0)]
+    ringed = [c for c in points if not c.get_facecolors().size]
+    assert np.allclose(ringed[0].get_offsets(), [[1e-6, 0.54]]) and len(ringed) == 1  # chosen: mean of 0.53, 0.51, 0.58
     assert len(hollow) == 1 and hollow[0].get_offsets().tolist() == [[0.1, 0.9]]  # outside the grid
-    assert "cpu-small" in fig._suptitle.get_text()
+    bars = [c for c in ax.collections if isinstance(c, LineCollection)]  # min-max over the three seeds at 1e-6
+    assert len(bars) == 1 and np.allclose(bars[0].get_segments()[0], [[1e-6, 0.51], [1e-6, 0.58]])
+    band = ax.patches[0].get_extents().transformed(ax.transData.inverted())  # the baseline's seeds: 0.50 to 0.54
+    assert (band.y0, band.y1) == pytest.approx((0.50, 0.54))
+    assert "cpu-small" in fig._suptitle.get_text() and "min to max" in fig._suptitle.get_text()
 
 
 def test_save_spectra_figure_falls_back_and_says_so(records: list[dict[str, Any]], tmp_path: Path) -> None:
@@ -346,16 +434,20 @@ def test_overhead_table_and_figure() -> None:
     report.overhead_figure({})  # no benchmark yet: an empty panel, no error
 
 
-def test_claims_summary_states_each_verdict_with_its_counts(frame: pd.DataFrame, records: list[dict[str, Any]]) -> None:
+def test_claims_summary_states_each_verdict_with_its_intervals(frame: pd.DataFrame, records: list[dict[str, Any]]) -> None:
     table = report.claims(frame, records)
     text = report.claims_summary(table)
     lines = {line.split("**")[1]: line for line in text.splitlines() if line.startswith("* **")}
-    assert "OR (SO) improves linear accuracy across methods and data sets (3 of 3)" in lines["Supported"]
-    assert "OR (SRIP) improves linear accuracy across methods and data sets (1 of 2)" in lines["Not supported"]
-    assert "OR improves kNN accuracy across methods and data sets (4 of 5)" in lines["Mixed"]
-    for claim, verdict_name in zip(table["claim"], table["verdict"]):
-        heading = {report.SUPPORTED: "Supported", report.MIXED: "Mixed",
-                   report.NOT_SUPPORTED: "Not supported", report.NO_DATA: "No data yet"}[verdict_name]
-        assert claim in lines[heading]
+    assert set(lines) == {"No detectable effect", "Too few seeds"}  # only BYOL/CIFAR-10/SO has several seeds
+    byol = table.loc["accuracy_so"].set_index("comparison").loc["byol / cifar10 / SO (gamma 1e-6)"]
+    assert (f"OR (SO) improves linear accuracy across methods and data sets (byol / cifar10 / SO (gamma 1e-6): "
+            f"+0.006667, 95% CI {byol['95% CI']}, 3 seeds; 2 other comparisons with too few seeds)") in lines["No detectable effect"]
+    assert "OR (SRIP) improves linear accuracy across methods and data sets (2 comparisons)" in lines["Too few seeds"]
+    overview = report.claim_lines(table)
+    for key, claim in overview.iterrows():  # every claim is under each verdict it got, and only there
+        for verdict_name in report.stats.VERDICTS:
+            heading = lines.get(verdict_name.capitalize(), "")
+            assert (claim["claim"] in heading) == (claim[verdict_name] > 0), (key, verdict_name)
+    assert report.VERDICT_RULE in text
     empty = report.claims_summary(report.claims(report.records_frame([]), []))
     assert "No data yet" in empty and "Supported" not in empty
