@@ -115,10 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     (with ``--debug`` or ``OR_CORE_DEBUG=1`` it raises, traceback and all)."""
     args = _parser().parse_args(argv)
     debug = args.debug or os.environ.get("OR_CORE_DEBUG", "") not in ("", "0")
-    if debug:  # matrix workers, started as processes, inherit it
-        os.environ["OR_CORE_DEBUG"] = "1"
     try:
-        return _run(args)
+        return _run(args, debug)
     except Exception as error:
         message = input_error_message(error)
         if message is None or debug:
@@ -127,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, debug: bool) -> int:
     if args.command == "evaluate":
         from or_core.train import evaluate_dir
 
@@ -139,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
 
         names = run_matrix(
             args.matrix, args.work, jobs=args.jobs, groups=args.groups, only=args.only,
-            results=args.results, dry_run=args.dry_run, rerun=args.rerun,
+            results=args.results, dry_run=args.dry_run, rerun=args.rerun, debug=debug,
         )
         print(("pending: " if args.dry_run else "ran: ") + (", ".join(names) or "nothing"))
         return 0

@@ -596,23 +596,25 @@ def _check_selection(matrix: Matrix, groups: Sequence[str] | None, only: Sequenc
         raise ConfigError(f"{matrix.path}: no run named {unknown}; `--dry-run` lists the pending runs")
 
 
-def _error_line(error: Exception) -> str:
+def _error_line(error: Exception, debug: bool = False) -> str:
     """The one-line error of a failed run: the command line's message of an input error; for a
-    bug its type and message, its traceback printed now (the run's own output is next to it)."""
+    bug its type and message, its traceback printed now (the run's own output is next to it).
+    With ``debug`` the traceback of an input error is printed too."""
     message = input_error_message(error)
-    if message is None or os.environ.get("OR_CORE_DEBUG", "") not in ("", "0"):
+    if message is None or debug:
         traceback.print_exception(error)
+    if message is None:
         message = " ".join(f"{type(error).__name__}: {error}".split()) + " (a bug: see its traceback above)"
     return message
 
 
-def _attempt(name: str, work: Callable[[], Any], failed: dict[str, str]) -> bool:
+def _attempt(name: str, work: Callable[[], Any], failed: dict[str, str], debug: bool = False) -> bool:
     """Do ``work`` for run ``name``; if it fails, note its one-line error in ``failed`` (and
     print it at once) instead of raising, so that the matrix goes on with the other runs."""
     try:
         work()
     except Exception as error:  # one failed run must not stop the others; all are listed at the end
-        _fail(failed, name, _error_line(error))
+        _fail(failed, name, _error_line(error, debug))
         return False
     return True
 
@@ -660,6 +662,7 @@ def run_matrix(
     results: str | Path | None = None,
     dry_run: bool = False,
     rerun: bool = False,
+    debug: bool = False,
 ) -> list[str]:
     """Run every pending experiment of the matrix at ``path``; returns the names it ran (or
     would run, with ``dry_run``).
@@ -671,7 +674,8 @@ def run_matrix(
     once, each in its own process (``python -m or_core matrix --only NAME``, ``cores / jobs``
     torch threads), the next starting when one ends; each phase waits for all of its runs.
     ``only`` restricts the matrix to runs with these names (chosen runs by their resolved
-    names). ``rerun`` trains the selected runs again and overwrites their records (give it a
+    names). ``debug`` prints the traceback of every failed run (and passes ``--debug`` to the
+    workers). ``rerun`` trains the selected runs again and overwrites their records (give it a
     fresh ``work_dir``: a finished run directory is returned as it is).
 
     A failed run does not stop the others (a chosen run whose grid failed is not run); at the
@@ -699,7 +703,7 @@ def run_matrix(
                     _fail(failed, e.name, _not_chosen(matrix, e, error, failed))
             for e in phase:
                 if matrix.record_path(e).is_file() and not dry_run and not rerun:
-                    _attempt(e.name, lambda e=e: _merge_groups(matrix, e, work_dir), failed)
+                    _attempt(e.name, lambda e=e: _merge_groups(matrix, e, work_dir), failed, debug)
         phase = [e for e in phase if (rerun or not matrix.record_path(e).is_file()) and (only is None or e.name in only)]
         phase = list({e.name: e for e in phase}.values())
         if not phase:
@@ -707,13 +711,13 @@ def run_matrix(
         if dry_run:
             ran += [e.name for e in phase]
         elif jobs > 1 and len(phase) > 1:
-            failures = _run_workers(matrix, work_dir, jobs, [e.name for e in phase], results, rerun)
+            failures = _run_workers(matrix, work_dir, jobs, [e.name for e in phase], results, rerun, debug=debug)
             failed.update(failures)
             ran += [e.name for e in phase if matrix.record_path(e).is_file() and e.name not in failures]
         else:
             for experiment in phase:
                 print(f"[matrix] {experiment.name} ({', '.join(experiment.groups)})", flush=True)
-                if _attempt(experiment.name, lambda e=experiment: run_experiment(matrix, e, work_dir), failed):
+                if _attempt(experiment.name, lambda e=experiment: run_experiment(matrix, e, work_dir), failed, debug):
                     ran.append(experiment.name)
     if failed:
         _raise_failures(failed, ran, rerun)
@@ -758,7 +762,7 @@ class _Worker:
 
 def _run_workers(
     matrix: Matrix, work_dir: Path, jobs: int, names: list[str], results: str | Path | None, rerun: bool = False,
-    poll_s: float = 2.0,
+    poll_s: float = 2.0, debug: bool = False,
 ) -> dict[str, str]:
     """Train ``names`` in up to ``jobs`` processes at once, one run per process
     (``python -m or_core matrix --only NAME``), each starting as soon as a core is free, so
@@ -772,6 +776,8 @@ def _run_workers(
         cmd += ["--results", str(results)]
     if rerun:
         cmd += ["--rerun"]
+    if debug:
+        cmd += ["--debug"]
     pending, running, failed = list(names), {}, {}
     while pending or running:
         while pending and len(running) < jobs:

@@ -35,7 +35,10 @@ def test_compile_setting_values():
 def test_a_bad_compile_setting_stops_the_run_before_any_data_is_read(tmp_path):
     from or_core.train import build_run
 
-    cfg = resolve_config("ci", overrides={"compile": "fastest", "data_root": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="field 'compile' must be true, false or one of none, default"):
+        resolve_config("ci", overrides={"compile": "fastest", "data_root": str(tmp_path / "missing")})
+    cfg = resolve_config("ci", overrides={"data_root": str(tmp_path / "missing")})
+    cfg.compile = "fastest"  # set after the checks: build_run still refuses it before reading data
     with pytest.raises(ValueError, match="unknown compile setting 'fastest'"):
         build_run(cfg)
 

@@ -127,6 +127,7 @@ def test_debug_shows_the_traceback_and_programming_errors_still_raise(
     argv = ["pretrain", "--profile", "ci", "--epochs", "0", "--out", str(tmp_path / "run")]
     with pytest.raises(ConfigError, match="epochs"):
         main([*argv, "--debug"])
+    assert "OR_CORE_DEBUG" not in os.environ  # --debug is this call's, not the process's
     monkeypatch.setenv("OR_CORE_DEBUG", "1")
     with pytest.raises(ConfigError, match="epochs"):
         main(argv)
