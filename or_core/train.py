@@ -56,6 +56,7 @@ from or_core.diagnostics import effective_rank, rankme, std_of_l2_normalized
 from or_core.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from or_core.lars import LARS
 from or_core.methods import SSLMethod, build_method, method_class
+from or_core.methods.base import clip_gradients, schedule_weight_decay
 from or_core.orthogonality import regularized_weights, so_penalty
 from or_core.records import git_commit
 
@@ -159,18 +160,32 @@ def _training_data(cfg: PretrainConfig, root: Path) -> tuple[ImageTensors | None
 def build_optimizer(method: SSLMethod, cfg: PretrainConfig) -> torch.optim.Optimizer:
     """The method's published optimizer (LARS, SGD or AdamW), with the config's overrides.
 
-    The learning rate follows the linear scaling rule, ``lr * batch_size / 256``, unless
-    ``cfg.lr`` is given. Biases and normalization parameters get no weight decay.
+    The recipe is the method's for the run's backbone and image size
+    (:meth:`~or_core.methods.base.SSLMethod.optimizer_defaults`: CIFAR, ImageNet-100,
+    ImageNet-1k or ViT). The learning rate follows the linear scaling rule,
+    ``lr * batch_size / recipe.batch_size``, unless ``cfg.lr`` is given. With the recipe's
+    ``exclude_bias_and_norm`` biases and normalization parameters get no weight decay (and no
+    LARS adaptation). LARS takes the recipe's trust coefficient and ``clip_lr``. A recipe's
+    weight-decay schedule (``weight_decay_end``; only when ``cfg.weight_decay`` is not given,
+    which makes the weight decay constant) and gradient clipping (``clip_grad``) are written
+    into the parameter groups, saved with the optimizer's state, and applied each step by
+    :func:`optimization_step`.
     """
-    defaults = method.default_optimizer
-    if cfg.backbone.startswith("vit") and getattr(method, "vit_optimizer", None) is not None:
-        defaults = method.vit_optimizer
+    defaults = method.optimizer_defaults(cfg.backbone, cfg.image_size)
     name = cfg.optimizer or defaults.name
     lr = cfg.lr if cfg.lr is not None else defaults.scaled_lr(cfg.batch_size)
     weight_decay = cfg.weight_decay if cfg.weight_decay is not None else defaults.weight_decay
-    groups = method.parameter_groups(weight_decay)
+    groups = method.parameter_groups(weight_decay, exclude_bias_and_norm=defaults.exclude_bias_and_norm)
+    for group in groups:
+        if cfg.weight_decay is None and defaults.weight_decay_end is not None and group["weight_decay"] != 0:
+            group.update(weight_decay_start=weight_decay, weight_decay_end=defaults.weight_decay_end)
+        if defaults.clip_grad is not None:
+            group["clip_grad"] = defaults.clip_grad
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=defaults.momentum, trust_coefficient=defaults.trust_coefficient)
+        return LARS(
+            groups, lr=lr, momentum=defaults.momentum, trust_coefficient=defaults.trust_coefficient,
+            clip_lr=defaults.clip_lr, exclude_bias_n_norm=defaults.exclude_bias_and_norm,
+        )
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=defaults.momentum)
     if name == "adamw":
@@ -434,7 +449,9 @@ def optimization_step(run: Run, views: list[torch.Tensor], progress: float) -> d
         run.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
     with record_function("optimizer"):
+        clip_gradients(run.optimizer)  # the recipe's clip_grad, before DINO drops its last layer's gradients
         method.on_after_backward(progress)
+        schedule_weight_decay(run.optimizer, progress)  # the recipe's weight_decay_end
         run.optimizer.step()
         run.scheduler.step()
         method.on_train_step_end(progress)

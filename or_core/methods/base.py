@@ -13,7 +13,9 @@ One training step, as the training loop drives it::
 
     out = method.training_loss(views, progress)   # EMA targets updated first, then the forward
     out["loss"].backward()
+    clip_gradients(optimizer)                     # the recipe's clip_grad (DINO's ViT recipe)
     method.on_after_backward(progress)            # e.g. DINO freezes its last layer early on
+    schedule_weight_decay(optimizer, progress)    # the recipe's weight_decay_end (DINO's ViT recipe)
     optimizer.step()
     method.on_train_step_end(progress)            # a no-op for the methods here
 
@@ -43,16 +45,20 @@ from lightly.utils import dist
 from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 
+from or_core.backbones import SMALL_IMAGE_SIZE
 from or_core.orthogonality import PENALTY_KINDS, OrthogonalityRegularizer
 
 __all__ = [
     "REGULARIZERS",
     "OptimizerDefaults",
     "SSLMethod",
+    "clip_gradients",
     "cosine_progress",
     "persistent_memory_bank",
     "read_counter",
+    "recipe_key",
     "same_size_groups",
+    "schedule_weight_decay",
     "write_counter",
 ]
 
@@ -152,17 +158,30 @@ class OptimizerDefaults:
     ``lr * B / batch_size`` (:meth:`scaled_lr`), as solo-learn, lightly's benchmarks and the
     method papers do. The schedule is a linear warmup of ``warmup_epochs`` then a cosine decay.
 
+    The defaults of the fields are those of solo-learn's CIFAR LARS recipes
+    (``scripts/pretrain/cifar/*.yaml``: ``eta: 0.02``, ``clip_lr: True``,
+    ``exclude_bias_n_norm: True``, momentum 0.9, 10 warmup epochs), which most methods here
+    follow. :func:`or_core.train.build_optimizer` and :func:`or_core.train.optimization_step`
+    apply every field but ``warmup_epochs``, which :func:`or_core.train.build_run` reads from
+    ``default_optimizer`` (10 in every recipe here).
+
     Attributes:
-        name: ``"lars"`` (``lightly.utils.lars.LARS``), ``"sgd"`` or ``"adamw"``.
+        name: ``"lars"`` (:class:`or_core.lars.LARS`), ``"sgd"`` or ``"adamw"``.
         lr: base learning rate at ``batch_size``.
         weight_decay: weight decay (the start value when ``weight_decay_end`` is set).
         momentum: SGD/LARS momentum (unused by AdamW).
         batch_size: the batch size ``lr`` refers to.
         warmup_epochs: epochs of linear learning-rate warmup.
-        exclude_bias_and_norm: no weight decay (and no LARS adaptation) for biases and
-            normalization parameters.
+        exclude_bias_and_norm: biases and normalization parameters in a parameter group without
+            weight decay, and (LARS ``exclude_bias_n_norm``) no LARS adaptation for them; with
+            ``False`` every trainable parameter is decayed and adapted.
         trust_coefficient: LARS ``eta`` (solo-learn's CIFAR recipes: 0.02).
-        weight_decay_end: end of a cosine weight-decay schedule (DINO ViT), ``None`` if constant.
+        clip_lr: LARS ``clip_lr``: each layer's LARS ratio over the learning rate is capped
+            at 1 (solo-learn's CIFAR recipes: on).
+        weight_decay_end: end of a cosine weight-decay schedule from ``weight_decay`` over
+            training (DINO's ViT recipe), ``None`` if constant.
+        clip_grad: each parameter's gradient scaled to at most this norm before the step
+            (DINO's ``utils.clip_gradients``), ``None`` for no clipping.
         source: where the numbers come from.
     """
 
@@ -174,7 +193,9 @@ class OptimizerDefaults:
     warmup_epochs: int = 10
     exclude_bias_and_norm: bool = True
     trust_coefficient: float = 0.02
+    clip_lr: bool = True
     weight_decay_end: float | None = None
+    clip_grad: float | None = None
     source: str = ""
 
     def scaled_lr(self, batch_size: int) -> float:
@@ -184,6 +205,56 @@ class OptimizerDefaults:
     def to_dict(self) -> dict:
         """The fields as a plain ``dict`` (for configs and run records)."""
         return dataclasses.asdict(self)
+
+
+def recipe_key(backbone: str, image_size: int | None) -> str:
+    """Which of a method's optimizer recipes a run takes (:meth:`SSLMethod.optimizer_defaults`).
+
+    * ``"vit"``: a ViT backbone (DINO's AdamW recipe);
+    * ``"cifar"``: ``image_size`` unset (the data's own size: the built-in 32 and 64 px sets)
+      or at most 64 px (:data:`or_core.backbones.SMALL_IMAGE_SIZE`, where the ResNet stem and
+      the ViT patch change too); the recipe in ``default_optimizer``;
+    * ``"imagenet"``: larger images with a ResNet-50, and ``"imagenet-100"`` with another
+      ResNet. The libraries pair them so: the ImageNet-1k BYOL recipes of lightly
+      (``benchmarks/imagenet/resnet50/byol.py``) and solo-learn
+      (``scripts/pretrain/imagenet/byol.yaml``) are for a ResNet-50, solo-learn's ImageNet-100
+      recipes (``scripts/pretrain/imagenet-100/*.yaml``) for a ResNet-18. A config field naming
+      the recipe would make this choice explicit; ``PretrainConfig`` has none yet.
+    """
+    name = backbone.lower()
+    if name.startswith("vit"):
+        return "vit"
+    if image_size is None or image_size <= SMALL_IMAGE_SIZE:
+        return "cifar"
+    return "imagenet" if name == "resnet50" else "imagenet-100"
+
+
+def schedule_weight_decay(optimizer: torch.optim.Optimizer, progress: float) -> None:
+    """Set the weight decay of every parameter group that holds ``weight_decay_start`` and
+    ``weight_decay_end`` (put there by :func:`or_core.train.build_optimizer`) to its cosine
+    schedule at ``progress``: :func:`cosine_progress`, i.e. DINO's ``utils.cosine_scheduler``,
+    ``end + (start - end) * (1 + cos(pi * step / total_steps)) / 2``. Other groups keep theirs."""
+    for group in optimizer.param_groups:
+        if group.get("weight_decay_end") is not None:
+            group["weight_decay"] = cosine_progress(progress, group["weight_decay_start"], group["weight_decay_end"])
+
+
+@torch.no_grad()
+def clip_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """DINO's gradient clipping (facebookresearch/dino ``utils.clip_gradients``): in every
+    parameter group with a ``clip_grad`` value, each gradient ``g`` is multiplied by
+    ``min(clip_grad / (||g|| + 1e-6), 1)``, so its norm is at most ``clip_grad``; smaller
+    gradients are left as they are. Computed on the device (no host synchronization)."""
+    for group in optimizer.param_groups:
+        clip = group.get("clip_grad")
+        if not clip:
+            continue
+        grads = [p.grad for p in group["params"] if p.grad is not None]
+        if not grads:
+            continue
+        norms = torch.stack(torch._foreach_norm(grads))
+        coefficients = torch.clamp(clip / (norms + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, list(coefficients.unbind()))
 
 
 class SSLMethod(nn.Module):
@@ -200,7 +271,10 @@ class SSLMethod(nn.Module):
         num_global_views: full-resolution views per image (2 for all methods here).
         multi_crop: whether the method takes extra low-resolution local crops after the global
             views; ``num_local_views`` (an instance attribute) says how many by default.
-        default_optimizer: the published optimizer recipe (:class:`OptimizerDefaults`).
+        default_optimizer: the published optimizer recipe at CIFAR scale (:class:`OptimizerDefaults`).
+        optimizer_recipes: the recipes for other data sets and backbones, by
+            :func:`recipe_key` (``"imagenet"``, ``"imagenet-100"``, ``"vit"``); a run whose
+            key is not there takes ``default_optimizer`` (:meth:`optimizer_defaults`).
 
     Args:
         backbone: the online encoder, mapping images ``(N, 3, H, W)`` to features
@@ -217,6 +291,7 @@ class SSLMethod(nn.Module):
     num_global_views: ClassVar[int] = 2
     multi_crop: ClassVar[bool] = False
     default_optimizer: ClassVar[OptimizerDefaults]
+    optimizer_recipes: ClassVar[dict[str, OptimizerDefaults]] = {}
 
     def __init__(
         self,
@@ -254,6 +329,13 @@ class SSLMethod(nn.Module):
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """``(online, EMA target)`` module pairs updated by :meth:`update_targets`; none here."""
         return []
+
+    @classmethod
+    def optimizer_defaults(cls, backbone: str, image_size: int | None) -> OptimizerDefaults:
+        """The recipe for a run with ``backbone`` on images of ``image_size`` (``None``: the
+        data's own size): ``optimizer_recipes[recipe_key(backbone, image_size)]`` where the
+        method declares one, else ``default_optimizer``."""
+        return cls.optimizer_recipes.get(recipe_key(backbone, image_size), cls.default_optimizer)
 
     def on_after_backward(self, progress: float) -> None:
         """Called after ``backward()`` and before ``optimizer.step()`` (e.g. to drop gradients)."""
@@ -317,12 +399,14 @@ class SSLMethod(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Helpers
     # ------------------------------------------------------------------------------------------
-    def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """Trainable parameters in two optimizer groups: decayed, and biases/norms undecayed.
-
-        Uses lightly's ``get_weight_decay_parameters``; EMA targets and frozen parameters
-        (``requires_grad=False``) are left out.
+    def parameter_groups(self, weight_decay: float, exclude_bias_and_norm: bool = True) -> list[dict]:
+        """Trainable parameters in two optimizer groups: decayed, and biases/norms undecayed
+        (lightly's ``get_weight_decay_parameters``); with ``exclude_bias_and_norm=False`` one
+        group, all decayed. EMA targets and frozen parameters (``requires_grad=False``) are
+        left out.
         """
+        if not exclude_bias_and_norm:
+            return [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": weight_decay}]
         decay, no_decay = get_weight_decay_parameters([self])
         return [
             {"params": [p for p in decay if p.requires_grad], "weight_decay": weight_decay},

@@ -27,9 +27,16 @@ class BYOL(SSLMethod):
 
     Defaults: solo-learn's CIFAR ResNet-18 recipe (``scripts/pretrain/cifar/byol.yaml``):
     projector 4096 -> 256, predictor 4096, tau 0.99 -> 1.0, LARS lr 1.0 (batch 256), weight
-    decay 1e-5, eta 0.02, asymmetric augmentations. Heads are lightly's ``BYOLProjectionHead``
-    and ``BYOLPredictionHead`` (the BYOL paper's sizes). lightly's ImageNet ResNet-50 benchmark
-    uses LARS lr 0.45, weight decay 1e-6 with the same heads and momentum.
+    decay 1e-5, eta 0.02, clip_lr, asymmetric augmentations. Heads are lightly's
+    ``BYOLProjectionHead`` and ``BYOLPredictionHead`` (the BYOL paper's sizes).
+
+    ImageNet-scale recipes (:attr:`optimizer_recipes`, chosen by
+    :func:`~or_core.methods.base.recipe_key`): ImageNet-1k with a ResNet-50, LARS lr
+    0.45 x B/256, weight decay 1e-6, eta 0.001, no clip_lr, as both lightly's
+    ``benchmarks/imagenet/resnet50/byol.py`` and solo-learn's
+    ``scripts/pretrain/imagenet/byol.yaml`` set it; ImageNet-100 with a ResNet-18, solo-learn's
+    ``scripts/pretrain/imagenet-100/byol.yaml``: LARS lr 0.5 x B/256, weight decay 1e-6, eta
+    0.02, clip_lr (that recipe's predictor is 8192 wide: pass ``pred_hidden_dim=8192``).
 
     Args:
         backbone, feature_dim, regularizer, gamma: see :class:`SSLMethod`.
@@ -40,12 +47,39 @@ class BYOL(SSLMethod):
 
     name = "byol"
     augmentation = "byol"
+    # solo-learn scripts/pretrain/cifar/byol.yaml: lars, batch_size 256, lr 1.0, weight_decay 1e-5,
+    # eta 0.02, clip_lr True, exclude_bias_n_norm True (the OptimizerDefaults defaults).
     default_optimizer = OptimizerDefaults(
         name="lars",
         lr=1.0,
         weight_decay=1e-5,
         source="solo-learn scripts/pretrain/cifar/byol.yaml (ResNet-18, batch 256)",
     )
+    optimizer_recipes = {
+        # lightly benchmarks/imagenet/resnet50/byol.py: LARS(lr=0.45 * batch_size / 256,
+        # momentum=0.9, weight_decay=1e-6), lightly's default trust_coefficient 0.001, no weight
+        # decay for biases and norms, 10 warmup epochs. solo-learn scripts/pretrain/imagenet/byol.yaml
+        # agrees: lr 0.45 (scaled by batch / 256, solo/args/pretrain.py), weight_decay 1e-6,
+        # eta 0.001, clip_lr False, exclude_bias_n_norm True.
+        "imagenet": OptimizerDefaults(
+            name="lars",
+            lr=0.45,
+            weight_decay=1e-6,
+            trust_coefficient=0.001,
+            clip_lr=False,
+            source="lightly benchmarks/imagenet/resnet50/byol.py and solo-learn "
+            "scripts/pretrain/imagenet/byol.yaml (ResNet-50, lr 0.45 x B/256)",
+        ),
+        # solo-learn scripts/pretrain/imagenet-100/byol.yaml: lr 0.5 at batch_size 128 on 2 devices
+        # (x 128 * 2 / 256 = 0.5 at batch 256), weight_decay 1e-6, eta 0.02, clip_lr True,
+        # exclude_bias_n_norm True.
+        "imagenet-100": OptimizerDefaults(
+            name="lars",
+            lr=0.5,
+            weight_decay=1e-6,
+            source="solo-learn scripts/pretrain/imagenet-100/byol.yaml (ResNet-18, lr 0.5 x B/256)",
+        ),
+    }
 
     def __init__(
         self,

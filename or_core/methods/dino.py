@@ -36,14 +36,24 @@ class DINO(SSLMethod):
     The last layer's gradients are dropped during the first ``freeze_last_layer_progress`` of
     training (:meth:`on_after_backward`; DINO freezes it for the first epoch).
 
-    Defaults: solo-learn's CIFAR ResNet-18 recipe (``scripts/pretrain/cifar/dino.yaml`` and
-    ``solo/methods/dino.py``): head hidden 2048, bottleneck 256, 4096 prototypes, no batch norm
-    in the head, tau 0.9995 -> 1.0, student temperature 0.1, teacher temperature 0.04 -> 0.07
-    over 50 of 1000 epochs (0.05), last layer frozen 1 of 1000 epochs (0.001), LARS lr 0.3
-    (batch 256), weight decay 1e-6. ``num_local_views`` defaults to 6, lightly's
-    ``DINOTransform`` (solo-learn's CIFAR config uses 0). For a ViT, :attr:`vit_optimizer` is
-    the DINO paper's AdamW recipe (lr 5e-4 at batch 256, weight decay 0.04 -> 0.4, 10 warmup
-    epochs) and the paper's head has 65536 prototypes, tau 0.996 -> 1.
+    Defaults: solo-learn's CIFAR ResNet-18 recipe, all from one source
+    (``scripts/pretrain/cifar/dino.yaml`` and the defaults of ``solo/methods/dino.py`` and
+    ``solo/losses/dino.py`` that it leaves): two 32 px crops and no local crops
+    (``augmentations: asymmetric.yaml``, ``num_crops: 1`` twice), head hidden 2048, bottleneck
+    256, 4096 prototypes, no batch norm in the head, normalized last layer, tau 0.9995 -> 1.0,
+    student temperature 0.1, teacher temperature 0.07 from the start (the yaml sets no
+    ``warmup_teacher_temperature_epochs``: default 0), center momentum 0.9, last layer frozen
+    1 of 1000 epochs (0.001), LARS lr 0.3 (batch 256), weight decay 1e-6, eta 0.02, clip_lr, no
+    gradient clipping (``clip_grad`` default 0) and a constant weight decay.
+
+    For a ViT, :attr:`vit_optimizer` is DINO's AdamW recipe (facebookresearch/dino
+    ``main_dino.py`` defaults): lr 5e-4 x B/256, weight decay 0.04 -> 0.4 on a cosine over
+    training, each parameter's gradient clipped to norm 3.0, 10 warmup epochs; the head and
+    multi-crop settings that go with it are in ``configs/cifar100_vit_dino.yaml``.
+
+    The views are :mod:`or_core.augment`'s ``dino`` recipe, whose global crops keep DINO's
+    multi-crop scale (0.4, 1) with or without local crops; solo-learn's ``asymmetric.yaml``
+    crops (0.08, 1) (and DINO's ``main_dino.py`` advises (0.14, 1) without local crops).
 
     The cpu profile (800 steps of a width-0.125 ResNet-18) replaces several of these defaults
     (:data:`or_core.config.PROFILE_METHOD_SETTINGS`): with them the loss never left ``ln K``.
@@ -67,20 +77,30 @@ class DINO(SSLMethod):
     name = "dino"
     augmentation = "dino"
     multi_crop = True
+    # solo-learn scripts/pretrain/cifar/dino.yaml: lars, batch_size 256, lr 0.3, weight_decay 1e-6,
+    # eta 0.02, clip_lr True, exclude_bias_n_norm True; no clip_grad (solo/methods/dino.py: 0) and
+    # no weight-decay schedule. (DINO's own ResNet-50 recipe, facebookresearch/dino README, is
+    # SGD lr 0.03, weight decay 1e-4 constant, clip_grad 3.0 by default; not used here.)
     default_optimizer = OptimizerDefaults(
         name="lars",
         lr=0.3,
         weight_decay=1e-6,
         source="solo-learn scripts/pretrain/cifar/dino.yaml (ResNet-18, batch 256)",
     )
+    # facebookresearch/dino main_dino.py defaults: --optimizer adamw, --lr 0.0005 (scaled by
+    # batch / 256), --warmup_epochs 10, --weight_decay 0.04, --weight_decay_end 0.4 (cosine
+    # utils.cosine_scheduler, on the regularized group only), --clip_grad 3.0 (utils.clip_gradients,
+    # per parameter); biases and 1-D parameters not regularized (utils.get_params_groups).
     vit_optimizer = OptimizerDefaults(
         name="adamw",
         lr=5e-4,
         weight_decay=0.04,
         weight_decay_end=0.4,
+        clip_grad=3.0,
         exclude_bias_and_norm=True,
-        source="DINO paper / facebookresearch/dino (ViT-S/16, AdamW, batch 256)",
+        source="facebookresearch/dino main_dino.py (ViT-S/16, AdamW, lr 5e-4 x B/256)",
     )
+    optimizer_recipes = {"vit": vit_optimizer}
 
     def __init__(
         self,
@@ -96,12 +116,15 @@ class DINO(SSLMethod):
         student_temp: float = 0.1,
         teacher_temp: float = 0.07,
         warmup_teacher_temp: float = 0.04,
-        warmup_teacher_temp_progress: float = 0.05,
+        # solo-learn scripts/pretrain/cifar/dino.yaml sets no warmup_teacher_temperature_epochs:
+        # solo/methods/dino.py's default 0, a constant teacher temperature.
+        warmup_teacher_temp_progress: float = 0.0,
         center_momentum: float = 0.9,
         base_momentum: float = 0.9995,
         final_momentum: float = 1.0,
-        freeze_last_layer_progress: float = 0.001,
-        num_local_views: int = 6,
+        freeze_last_layer_progress: float = 0.001,  # 1 of 1000 epochs (solo/methods/dino.py)
+        # solo-learn scripts/pretrain/cifar/dino.yaml: augmentations/asymmetric.yaml, two 32 px crops.
+        num_local_views: int = 0,
     ) -> None:
         super().__init__(backbone, feature_dim, regularizer, gamma)
         head_args = dict(
@@ -142,7 +165,8 @@ class DINO(SSLMethod):
         ]
 
     def teacher_temperature(self, progress: float) -> float:
-        """Linear warmup from ``warmup_teacher_temp`` to ``teacher_temp``, then constant."""
+        """Linear warmup from ``warmup_teacher_temp`` to ``teacher_temp``, then constant
+        (constant from the start when ``warmup_teacher_temp_progress`` is 0)."""
         if progress >= self.warmup_teacher_temp_progress:
             return self.teacher_temp
         fraction = progress / self.warmup_teacher_temp_progress

@@ -40,12 +40,18 @@ class SwaV(SSLMethod):
     Sinkhorn step. The queues and their fill count are saved in ``state_dict``
     (exact resume). ``queue_length=0`` turns the queue off.
 
-    Defaults: solo-learn's CIFAR ResNet-18 recipe (``scripts/pretrain/cifar/swav.yaml``):
-    projector 2048 -> 128, 3000 prototypes, temperature 0.1, Sinkhorn 3 iterations at epsilon
-    0.05, queue 3840 from epoch 50 of 1000 (0.05), prototypes frozen 2 of 1000 epochs (0.002),
-    LARS lr 0.6 (batch 256), weight decay 1e-6, eta 0.02. ``num_local_views`` defaults to 6,
-    lightly's ``SwaVTransform`` (2 x 224 + 6 x 96 in the SwaV paper; solo-learn's CIFAR config
-    uses 0).
+    Defaults: solo-learn's CIFAR ResNet-18 recipe, all from one source
+    (``scripts/pretrain/cifar/swav.yaml`` and the defaults of ``solo/methods/swav.py`` that it
+    leaves): two 32 px crops and no local crops (``augmentations: symmetric.yaml``,
+    ``num_crops: 2``), projector 2048 -> 128, 3000 prototypes, temperature 0.1, Sinkhorn 3
+    iterations at epsilon 0.05, queue 3840 from epoch 50 of 1000 (0.05), prototypes frozen 2 of
+    1000 epochs (0.002), LARS lr 0.6 (batch 256), weight decay 1e-6, eta 0.02, clip_lr.
+    (solo-learn's multi-crop CIFAR variant, ``scripts/pretrain/cifar-multicrop/swav.yaml``,
+    adds 6 crops of 18 px at scale (0.08, 0.5) with the same head; :mod:`or_core.augment`'s
+    ``swav`` local crops are 16 px at (0.05, 0.14), lightly's ``SwaVTransform`` scaled down, so
+    that variant is not reproduced by ``num_local_views=6``.) The views are
+    :mod:`or_core.augment`'s ``swav`` recipe: global crop scale (0.14, 1), no blur at 32 px;
+    solo-learn's ``symmetric.yaml`` crops (0.08, 1) with blur 0.5.
 
     The cpu profile (800 steps of a width-0.125 ResNet-18) replaces several of these defaults
     (:data:`or_core.config.PROFILE_METHOD_SETTINGS`): with them every projection collapsed to
@@ -68,6 +74,8 @@ class SwaV(SSLMethod):
     name = "swav"
     augmentation = "swav"
     multi_crop = True
+    # solo-learn scripts/pretrain/cifar/swav.yaml: lars, batch_size 256, lr 0.6, weight_decay 1e-6,
+    # eta 0.02, clip_lr True, exclude_bias_n_norm True (the OptimizerDefaults defaults).
     default_optimizer = OptimizerDefaults(
         name="lars",
         lr=0.6,
@@ -90,7 +98,8 @@ class SwaV(SSLMethod):
         queue_length: int = 3840,
         queue_start_progress: float = 0.05,
         freeze_prototypes_progress: float = 0.002,
-        num_local_views: int = 6,
+        # solo-learn scripts/pretrain/cifar/swav.yaml: augmentations/symmetric.yaml, two 32 px crops.
+        num_local_views: int = 0,
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(backbone, feature_dim, regularizer, gamma)
