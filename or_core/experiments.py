@@ -1,22 +1,32 @@
 """Experiment matrices: a YAML list of runs, each trained once and recorded in ``results/``.
 
-A matrix file (``configs/matrix_cpu.yaml``) names a profile, a results folder and entries;
-an entry's list values expand to every combination::
+A matrix file (``configs/matrix_cpu_paired.yaml``) names a profile, a results folder and
+entries; an entry's list values expand to every combination::
 
     profile: cpu
-    results: results/matrix_cpu
-    choose_gamma: {method: byol, dataset: cifar10, metric: val_knn_top1,
+    results: results/matrix_cpu_paired
+    choose_gamma: {metric: val_knn_top1, selection_seeds: [100],
                    grids: {so: [1e-5, 1e-6, 1e-7], srip: [1e-3, 1e-4, 1e-5]}}
     runs:
-      - {group: gamma_grid, method: byol, dataset: cifar10, regularizer: so, gamma: [1e-5, 1e-6, 1e-7]}
-      - {group: methods, method: [simclr, vicreg], dataset: [cifar10, cifar100],
-         regularizer: [none, so, srip], gamma: chosen}
+      - {group: byol, method: byol, regularizer: none, seed: [0, 1, 2, 3, 4]}
+      - {group: byol, method: byol, regularizer: [so, srip], gamma: chosen, seed: [0, 1, 2, 3, 4]}
 
-``gamma: chosen`` takes, per regularizer, the gamma of the paper's grid with the best
-validation kNN (``val_knn_top1``: held-out *training* images, never the test split) among the
-``choose_gamma`` runs, seed 0; those runs must be in the matrix, and run first. Entries with
-``outside_paper_grid: true`` are shown, marked, and never chosen. ``transfer: [names]`` adds
-linear probes of the final encoder on other data sets.
+``gamma: chosen`` takes the gamma of the paper's grid with the best mean validation metric
+(``val_knn_top1``: held-out *training* images; a test metric is refused) over the
+``selection_seeds``, chosen per (method, data set, regularizer): each ``gamma: chosen`` run
+gets its own method's and data set's choice. The grid runs that choose it are generated, one
+per gamma and selection seed (group ``selection``, plus the groups of the runs they choose
+for); no run of ``runs:`` may use a selection seed, so every comparison is made on seeds the
+choice never saw (no winner's curse). ``so_diag`` and ``so_offdiag``, the two parts of SO, use
+SO's grid unless ``grids`` gives their own.
+
+The first matrices (``configs/matrix_cpu.yaml``) use the single-method form, kept as it was:
+``choose_gamma: {method: byol, dataset: cifar10, metric: ..., grids: ...}`` chooses one gamma
+per regularizer for every method, from that method's seed-0 runs of the grid, which
+``runs:`` must list (and which are also compared).
+
+Entries with ``outside_paper_grid: true`` are shown, marked, and never chosen. ``transfer:
+[names]`` adds linear probes of the final encoder on other data sets.
 
 :func:`run_matrix` trains every run whose record is missing (a run interrupted half-way
 resumes from its checkpoint in the work folder), then writes its record: config, summary,
@@ -63,7 +73,7 @@ from or_core.train import CHECKPOINT_FILE, build_run, pretrain, read_metrics
 
 __all__ = [
     "Experiment", "Matrix", "GammaNotChosen", "MatrixRunsFailed", "load_matrix", "run_name", "choose_gamma",
-    "resolve_chosen", "run_experiment", "run_matrix",
+    "choice_key", "grid_of", "resolve_chosen", "run_experiment", "run_matrix",
 ]
 
 CHOSEN = "chosen"
@@ -71,8 +81,18 @@ CHOSEN = "chosen"
 ENTRY_KEYS = ("group", "transfer", "outside_paper_grid", "note")
 #: Top-level keys of a matrix file.
 MATRIX_KEYS = ("name", "profile", "results", "base", "choose_gamma", "runs")
-#: Keys of a matrix file's ``choose_gamma`` block; ``metric`` is optional.
-CHOOSE_KEYS = ("method", "dataset", "metric", "grids")
+#: Keys of a matrix file's ``choose_gamma`` block: ``selection_seeds`` (a choice per method and
+#: data set, its grid runs generated) or ``method`` and ``dataset`` (one choice for all, its grid
+#: runs listed: the single-method form); ``metric`` is optional.
+CHOOSE_KEYS = ("method", "dataset", "metric", "selection_seeds", "grids")
+#: The metrics gamma may be chosen on: measured on held-out *training* images. A test metric
+#: (``knn_top1``) would choose gamma on the very images that then judge it.
+VALIDATION_METRICS = ("val_knn_top1",)
+#: Regularizers that use another's grid where ``grids`` gives none of their own: SO's two parts,
+#: controls of SO, are tuned over SO's gammas.
+GRID_OF = {"so_diag": "so", "so_offdiag": "so"}
+#: The group of every generated selection run (``--groups selection`` runs all the grids).
+SELECTION_GROUP = "selection"
 #: Lines of a worker's stderr kept to name its error once it has failed.
 WORKER_TAIL_LINES = 40
 #: How a failed run is reported on stderr, live and in the final list; a parent process reads
@@ -104,6 +124,8 @@ class Experiment:
     transfer: tuple[str, ...] = ()
     outside_paper_grid: bool = False
     gamma_choice: dict[str, Any] | None = None
+    #: A run of a generated selection grid: it chooses gamma and is never compared.
+    selection: bool = False
 
     @property
     def needs_chosen_gamma(self) -> bool:
@@ -128,6 +150,31 @@ class Matrix:
 
     def record_path(self, experiment: Experiment) -> Path:
         return self.results / f"{experiment.name}.json"
+
+    @property
+    def per_method(self) -> bool:
+        """Whether gamma is chosen per (method, data set) on selection seeds (else the
+        single-method form: one choice for all, from one method's seed-0 runs)."""
+        return _per_method(self.choose)
+
+
+def _per_method(choose: dict[str, Any]) -> bool:
+    return "selection_seeds" in choose
+
+
+def grid_of(grids: dict[str, Any], regularizer: Any) -> list[Any] | None:
+    """The grid ``regularizer`` is chosen from: its own, else the one it shares (:data:`GRID_OF`)."""
+    if not isinstance(regularizer, str):
+        return None
+    return grids.get(regularizer) or grids.get(GRID_OF.get(regularizer, ""))
+
+
+def choice_key(overrides: dict[str, Any]) -> tuple[str, str, str]:
+    """(method, data set, regularizer): what one gamma is chosen for, per method."""
+    return (
+        str(overrides.get("method", "byol")), Path(str(overrides.get("dataset", "cifar10"))).name,
+        str(overrides.get("regularizer", "none")),
+    )
 
 
 def _format_gamma(gamma: Any) -> str:
@@ -226,14 +273,27 @@ def _top_problems(spec: dict[str, Any]) -> list[str]:
 
 
 def _choose_problems(choose: dict[str, Any]) -> list[str]:
-    """What is wrong with a ``choose_gamma`` block (its keys, and grids of numbers)."""
+    """What is wrong with a ``choose_gamma`` block: its keys, its form (selection seeds, or one
+    method and data set), a metric that is not a validation metric, grids of numbers."""
     problems = []
     unknown = sorted(set(choose) - set(CHOOSE_KEYS), key=str)
     if unknown:
         problems.append(f"choose_gamma: unknown keys {unknown}; valid keys: {', '.join(CHOOSE_KEYS)}")
-    for key in ("method", "dataset"):
-        if not isinstance(choose.get(key), str):
-            problems.append(f"choose_gamma: {key!r} must name the {key} of the grid's runs, got {choose.get(key)!r}")
+    if _per_method(choose):
+        problems += _seeds_problems(choose)
+    else:
+        for key in ("method", "dataset"):
+            if not isinstance(choose.get(key), str):
+                problems.append(
+                    f"choose_gamma: {key!r} must name the {key} of the grid's runs, got {choose.get(key)!r} "
+                    "(or give selection_seeds: a choice per method and data set)"
+                )
+    metric = choose.get("metric", VALIDATION_METRICS[0])
+    if metric not in VALIDATION_METRICS:
+        problems.append(
+            f"choose_gamma: metric {metric!r} is not a validation metric: a gamma chosen on the test split is judged "
+            f"on the images it was chosen on; use {' or '.join(VALIDATION_METRICS)} (held-out training images)"
+        )
     grids = choose.get("grids")
     if not isinstance(grids, dict) or not grids:
         return [*problems, f"choose_gamma: 'grids' must map regularizers to lists of gammas, got {grids!r}"]
@@ -246,6 +306,28 @@ def _choose_problems(choose: dict[str, Any]) -> list[str]:
                 check_field("gamma", gamma)
             except ConfigError:
                 problems.append(f"choose_gamma: the grid of {regularizer!r} must hold numbers >= 0, got {gamma!r}")
+    return problems
+
+
+def _seeds_problems(choose: dict[str, Any]) -> list[str]:
+    """The per-method form: distinct selection seeds, and no single method or data set (the
+    two forms choose differently; one block that mixes them would be read as either)."""
+    problems = []
+    mixed = [key for key in ("method", "dataset") if key in choose]
+    if mixed:
+        problems.append(
+            f"choose_gamma: {' and '.join(mixed)} belong to the single-method form; with selection_seeds gamma is "
+            f"chosen for every method and data set of the gamma: chosen runs; remove {' and '.join(mixed)}"
+        )
+    seeds = choose["selection_seeds"]
+    valid = isinstance(seeds, list) and seeds and all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds
+    )
+    if not valid or len(set(seeds)) != len(seeds):
+        problems.append(
+            f"choose_gamma: 'selection_seeds' must be a non-empty list of distinct integers >= 0 that no comparison "
+            f"uses, such as [100], got {seeds!r}"
+        )
     return problems
 
 
@@ -293,10 +375,11 @@ def _config_problems(where: str, overrides: dict[str, Any], profile: str, grids:
     overrides = dict(overrides)
     if overrides.get("gamma") == CHOSEN:
         regularizer = overrides.get("regularizer")
-        grid = grids.get(regularizer) if isinstance(regularizer, str) else None
+        grid = grid_of(grids, regularizer)
         if not grid:
+            shared = f" (or one for {GRID_OF[regularizer]!r}, whose grid it shares)" if regularizer in GRID_OF else ""
             return [
-                f"{where}: gamma: chosen needs a grid for regularizer {regularizer!r} in choose_gamma.grids "
+                f"{where}: gamma: chosen needs a grid for regularizer {regularizer!r}{shared} in choose_gamma.grids "
                 f"(it has {', '.join(map(str, grids)) or 'none'}); add one or give gamma a number"
             ]
         overrides["gamma"] = grid[0]
@@ -334,7 +417,7 @@ def _grid_problems(experiments: Sequence[Experiment], choose: dict[str, Any]) ->
     problems = []
     regularizers = dict.fromkeys(e.overrides.get("regularizer") for e in experiments if e.needs_chosen_gamma)
     for regularizer in regularizers:
-        grid = (choose.get("grids") or {}).get(regularizer) or []
+        grid = grid_of(choose.get("grids") or {}, regularizer) or []
         have = [
             _gamma_of(e) for e in experiments
             if not e.needs_chosen_gamma and not e.outside_paper_grid and e.overrides.get("regularizer") == regularizer
@@ -350,12 +433,91 @@ def _grid_problems(experiments: Sequence[Experiment], choose: dict[str, Any]) ->
     return problems
 
 
+def _seed_leak(where: str, entry_runs: Sequence[dict[str, Any]], seeds: Sequence[int]) -> list[str]:
+    """An entry of ``runs:`` is a comparison (the selection runs are generated, never listed):
+    on a selection seed its score would be the very draw that chose its gamma (winner's curse)."""
+    leaks = [o for o in entry_runs if o.get("seed", 0) in seeds]
+    if not leaks:
+        return []
+    used = sorted({o.get("seed", 0) for o in leaks})
+    return [
+        f"{where}: {', '.join(run_name(o) for o in leaks)} use{'s' if len(leaks) == 1 else ''} selection seed "
+        f"{', '.join(map(str, used))} (choose_gamma.selection_seeds {list(seeds)}): a comparison on a seed that chose "
+        "its gamma favours that gamma; give the entry other seeds"
+    ]
+
+
+def _selection_runs(experiments: Sequence[Experiment], choose: dict[str, Any]) -> tuple[list[Experiment], list[str]]:
+    """The generated grid runs of the per-method form, and what stops them.
+
+    For each (method, data set, regularizer) of a ``gamma: chosen`` run: every gamma of its
+    grid on every selection seed, with the chosen runs' other settings (gamma is chosen for
+    the setup it serves, so chosen runs of one key must agree on everything but the seed),
+    in group ``selection`` and the groups of the runs it chooses for (``--groups byol`` then
+    runs BYOL's grid before BYOL's comparisons).
+    """
+    families: dict[tuple[str, str, str], tuple[dict[str, Any], list[str], str]] = {}
+    problems = []
+    for e in experiments:
+        if not e.needs_chosen_gamma:
+            continue
+        key = choice_key(e.overrides)
+        settings = {k: v for k, v in e.overrides.items() if k not in ("seed", "gamma")}
+        same, groups, first = families.setdefault(key, (settings, [], e.name))
+        if same != settings:
+            differ = sorted(k for k in {*same, *settings} if same.get(k) != settings.get(k))
+            problems.append(
+                f"choose_gamma: gamma: chosen runs {first} and {e.name} ({key[0]} on {key[1]} with {key[2]}) differ in "
+                f"{differ}; one gamma is chosen per method, data set and regularizer: make them the same or give one "
+                "gamma a number"
+            )
+            continue
+        groups += [g for g in e.groups if g not in groups]
+    runs = []
+    for key, (settings, groups, _) in families.items():
+        for gamma, seed in itertools.product(grid_of(choose["grids"], key[2]) or [], choose["selection_seeds"]):
+            overrides = {**settings, "gamma": gamma, "seed": seed}
+            runs.append(Experiment(run_name(overrides), overrides, (SELECTION_GROUP, *groups), selection=True))
+    return runs, problems
+
+
+def _split_problems(selection: Sequence[Experiment], profile: str, metric: str) -> list[str]:
+    """A selection run without a validation split would have no score to choose on; found
+    now, not after its grid has trained."""
+    bare = []
+    for e in selection:
+        cfg = resolve_config(profile, overrides={**e.overrides, "profile": profile})
+        if not cfg.val_images or cfg.subset is None:
+            bare.append(e.name)
+    if not bare:
+        return []
+    more = f" and {len(bare) - 1} more" if len(bare) > 1 else ""
+    return [
+        f"choose_gamma: selection run {bare[0]}{more} has no validation split (val_images 0 or no subset), so no "
+        f"{metric} to choose gamma on; set val_images >= 1 and a subset in base or the entries"
+    ]
+
+
+def _with_shared_grids(choose: dict[str, Any], experiments: Sequence[Experiment]) -> dict[str, Any]:
+    """``choose`` with a grid under the name of each chosen regularizer that shares another's
+    (``so_diag``: SO's), so that ``choose["grids"][regularizer]`` names every grid in use."""
+    given = choose.get("grids") or {}
+    grids = dict(given)
+    for e in experiments:
+        regularizer = e.overrides.get("regularizer")
+        if e.needs_chosen_gamma and regularizer not in grids and grid_of(grids, regularizer):
+            grids[regularizer] = list(grid_of(grids, regularizer) or [])
+    return choose if grids == given else {**choose, "grids": grids}
+
+
 def load_matrix(path: str | Path, results: str | Path | None = None) -> Matrix:
     """Parse and validate a matrix file; identical runs named by several entries are merged
     (their groups and transfer sets joined).
 
     Every run's config is built as it will be trained (a ``gamma: chosen`` with the first gamma
-    of its grid), so that a bad entry is found before anything runs, not hours later.
+    of its grid), so that a bad entry is found before anything runs, not hours later. With
+    ``selection_seeds`` the selection runs are generated (listed first) and an entry on a
+    selection seed is an error; in the single-method form the grid's runs must be listed.
 
     Raises:
         MissingPathError: the file does not exist.
@@ -382,7 +544,13 @@ def load_matrix(path: str | Path, results: str | Path | None = None) -> Matrix:
         problems += found
         if found or top:
             continue
-        for overrides, extras in _expand(entry, base):
+        expanded = _expand(entry, base)
+        if _per_method(choose):
+            leaks = _seed_leak(where, [o for o, _ in expanded], choose["selection_seeds"])
+            problems += leaks
+            if leaks:
+                continue
+        for overrides, extras in expanded:
             name = run_name(overrides)
             slot = merged.setdefault(
                 name, {"overrides": overrides, "groups": [], "transfer": [], "outside": False, "entry": number}
@@ -404,7 +572,11 @@ def load_matrix(path: str | Path, results: str | Path | None = None) -> Matrix:
         Experiment(name, s["overrides"], tuple(s["groups"]), tuple(s["transfer"]), s["outside"])
         for name, s in merged.items()
     ]
-    if not problems:
+    if not problems and _per_method(choose):
+        selection, problems = _selection_runs(experiments, choose)
+        problems = problems or _split_problems(selection, profile, choose.get("metric", VALIDATION_METRICS[0]))
+        experiments = [*selection, *experiments]  # first: the dry run lists them in the order they run
+    elif not problems:
         problems = _grid_problems(experiments, choose)
     if problems:
         raise ConfigError(f"{path} (run entries counted from 1): " + "; ".join(problems))
@@ -414,39 +586,74 @@ def load_matrix(path: str | Path, results: str | Path | None = None) -> Matrix:
         results_dir = Path(spec.get("results", "results/matrix"))
         if not results_dir.is_absolute() and path.parent.name == "configs":
             results_dir = path.resolve().parents[1] / results_dir
-    return Matrix(path, profile, results_dir, base, choose, experiments)
+    return Matrix(path, profile, results_dir, base, _with_shared_grids(choose, experiments), experiments)
 
 
 # ----------------------------------------------------------------------------------------------
 # Choosing gamma on the validation split
 # ----------------------------------------------------------------------------------------------
-def choose_gamma(records: Sequence[dict[str, Any]], regularizer: str, choose: dict[str, Any]) -> dict[str, Any]:
-    """The paper-grid gamma of ``regularizer`` with the best validation metric.
+def choose_gamma(
+    records: Sequence[dict[str, Any]], regularizer: str, choose: dict[str, Any],
+    method: str | None = None, dataset: str | None = None,
+) -> dict[str, Any]:
+    """The paper-grid gamma of ``regularizer`` with the best mean validation metric over the
+    selection seeds (ties to the smaller gamma).
 
-    Candidates are the records of ``choose``'s method and data set, seed 0, inside the paper's
-    grid; all of the grid must be recorded (else :class:`GammaNotChosen`). Returns
-    ``{"gamma", "metric", "candidates"}``.
+    Candidates are the records of ``method`` and ``dataset`` (the per-method form, with
+    ``selection_seeds``) or of ``choose``'s method and data set, seed 0 (the single-method
+    form), inside the paper's grid; every gamma on every seed must be recorded (else
+    :class:`GammaNotChosen`). Returns ``{"gamma", "metric", "candidates"}`` (candidates: the
+    mean per gamma), and in the per-method form also ``method``, ``dataset``,
+    ``regularizer``, ``seeds`` and ``per_seed`` (the scores the means are of).
     """
-    grid = [float(g) for g in choose["grids"][regularizer]]
-    metric = choose.get("metric", "val_knn_top1")
-    found: dict[float, float] = {}
+    per_method = _per_method(choose)
+    method = method if per_method else choose["method"]
+    dataset = dataset if per_method else choose["dataset"]
+    seeds = [int(s) for s in choose["selection_seeds"]] if per_method else [0]
+    grid = [float(g) for g in grid_of(choose["grids"], regularizer) or []]
+    metric = choose.get("metric", VALIDATION_METRICS[0])
+    scores = _grid_scores(records, regularizer, method, dataset, grid, seeds, metric)
+    missing = [(g, s) for g in grid for s in seeds if (g, s) not in scores]
+    if missing:
+        on = "" if not per_method else f" on seed {sorted({s for _, s in missing})}"
+        raise GammaNotChosen(
+            f"gamma for {regularizer} cannot be chosen yet: no record of {method} on "
+            f"{dataset} with gamma {list(dict.fromkeys(g for g, _ in missing))}{on}; run the grid first"
+        )
+    unscored = [(g, s) for (g, s), v in scores.items() if v is None]
+    if unscored:
+        raise GammaNotChosen(
+            f"gamma for {regularizer} cannot be chosen: the records of {method} on {dataset} with (gamma, seed) "
+            f"{unscored} have no {metric} (trained without a validation split); set val_images and train them again"
+        )
+    means = {g: sum(scores[g, s] for s in seeds) / len(seeds) for g in grid}
+    best = max(grid, key=lambda g: (means[g], -g))
+    choice = {"gamma": best, "metric": metric, "candidates": {f"{g:g}": means[g] for g in grid}}
+    if per_method:  # the single-method form's records keep the choice they were written with
+        choice.update(
+            method=method, dataset=dataset, regularizer=regularizer, seeds=seeds,
+            per_seed={f"{g:g}": {str(s): scores[g, s] for s in seeds} for g in grid},
+        )
+    return choice
+
+
+def _grid_scores(
+    records: Sequence[dict[str, Any]], regularizer: str, method: str | None, dataset: str | None,
+    grid: Sequence[float], seeds: Sequence[int], metric: str,
+) -> dict[tuple[float, int], float | None]:
+    """``{(gamma, seed): metric}`` of the records of ``method`` on ``dataset`` with
+    ``regularizer`` at a gamma of ``grid`` on one of ``seeds`` (outside-grid runs never count)."""
+    scores = {}
     for record in records:
         cfg, summary = record["config"], record["summary"]
         if (
-            cfg["method"] == choose["method"] and Path(cfg["dataset"]).name == choose["dataset"]
-            and cfg["regularizer"] == regularizer and cfg["seed"] == 0 and not record.get("outside_paper_grid")
+            cfg["method"] == method and Path(cfg["dataset"]).name == dataset and cfg["regularizer"] == regularizer
+            and cfg["seed"] in seeds and not record.get("outside_paper_grid")
         ):
-            gamma = float(summary["gamma"])
-            if any(math.isclose(gamma, g, rel_tol=1e-9) for g in grid):
-                found[gamma] = summary[metric]
-    missing = [g for g in grid if not any(math.isclose(g, f, rel_tol=1e-9) for f in found)]
-    if missing:
-        raise GammaNotChosen(
-            f"gamma for {regularizer} cannot be chosen yet: no record of {choose['method']} on "
-            f"{choose['dataset']} with gamma {missing}; run the grid first"
-        )
-    best = max(grid, key=lambda g: (found[g], -g))
-    return {"gamma": best, "metric": metric, "candidates": {f"{g:g}": found[g] for g in grid}}
+            gamma = next((g for g in grid if math.isclose(float(summary["gamma"]), g, rel_tol=1e-9)), None)
+            if gamma is not None:
+                scores[gamma, int(cfg["seed"])] = summary.get(metric)
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,6 +703,7 @@ def run_experiment(matrix: Matrix, experiment: Experiment, work_dir: str | Path,
         "matrix": matrix.path.name,
         "groups": list(experiment.groups),
         "outside_paper_grid": experiment.outside_paper_grid,
+        "selection_run": experiment.selection,
         "scale": scale_of(matrix.profile),
         "config": cfg.to_dict(),
         "summary": summary,
@@ -549,19 +757,22 @@ def _resolve_each(
     the chosen runs whose gamma cannot be chosen yet, each with why (one regularizer's grid
     missing a record leaves the other regularizers' runs to go on)."""
     records = load_records(matrix.results) if matrix.results.is_dir() else []
-    choices: dict[str, dict[str, Any] | GammaNotChosen] = {}
+    choices: dict[tuple[str, ...], dict[str, Any] | GammaNotChosen] = {}
     resolved, unresolved = [], []
     for e in experiments:
         if not e.needs_chosen_gamma:
             resolved.append(e)
             continue
-        reg = e.overrides.get("regularizer")
-        if reg not in choices:
+        method, dataset, reg = choice_key(e.overrides)
+        # Per method, each (method, data set, regularizer) has its own choice; the
+        # single-method form has one per regularizer, for all.
+        key = (method, dataset, reg) if matrix.per_method else (reg,)
+        if key not in choices:
             try:
-                choices[reg] = choose_gamma(records, reg, matrix.choose)
+                choices[key] = choose_gamma(records, reg, matrix.choose, method, dataset)
             except GammaNotChosen as error:
-                choices[reg] = error
-        choice = choices[reg]
+                choices[key] = error
+        choice = choices[key]
         if isinstance(choice, GammaNotChosen):
             unresolved.append((e, choice))
         else:
@@ -589,7 +800,7 @@ def _check_selection(matrix: Matrix, groups: Sequence[str] | None, only: Sequenc
     for e in matrix.experiments:
         names.add(e.name)
         if e.needs_chosen_gamma:
-            grid = (matrix.choose.get("grids") or {}).get(e.overrides.get("regularizer"), [])
+            grid = grid_of(matrix.choose.get("grids") or {}, e.overrides.get("regularizer")) or []
             names |= {run_name({**e.overrides, "gamma": g}) for g in grid}
     unknown = sorted(set(only or ()) - names)
     if unknown:
@@ -628,7 +839,11 @@ def _not_chosen(matrix: Matrix, experiment: Experiment, error: GammaNotChosen, f
     """Why a chosen run is not run: its grid's runs that failed in this call, if any, else the
     records the choice lacks."""
     reg = experiment.overrides.get("regularizer")
-    grid = {e.name for e in matrix.experiments if not e.needs_chosen_gamma and e.overrides.get("regularizer") == reg}
+    if matrix.per_method:
+        key = choice_key(experiment.overrides)
+        grid = {e.name for e in matrix.experiments if e.selection and choice_key(e.overrides) == key}
+    else:
+        grid = {e.name for e in matrix.experiments if not e.needs_chosen_gamma and e.overrides.get("regularizer") == reg}
     grid_failed = [name for name in failed if name in grid]
     if grid_failed:
         return f"not run: its gamma cannot be chosen, as {reg} grid run(s) {', '.join(grid_failed)} failed"
