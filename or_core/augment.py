@@ -45,8 +45,9 @@ other jobs shared; batch 256, 32 px, one thread, medians of A/B runs in one proc
   gathered by index), so an image's views do not depend on the rest of its batch. A process
   of a multi-process run therefore augments only its rows of the global batch
   (``augment(images, generator, rows=(a, b), total=B)``): the parameters are drawn
-  for all ``B`` images, as in one process, and those of rows ``[a, b)`` applied; on the CPU
-  the views equal rows ``[a, b)`` of the whole batch's, bit for bit (tested with one thread).
+  for all ``B`` images, as in one process, and those of rows ``[a, b)`` applied: the views
+  equal rows ``[a, b)`` of the whole batch's up to float32 rounding (the contrast's grey level
+  is a small matrix product whose rounding the BLAS may choose by the number of rows).
 
 Throughput (``benchmarks/augment.py``, BYOL views at 32 px, batch 256, load average ~2):
 ~10000 two-view images/s on the 2-core CPU (2 threads; ~9100 with 1) vs ~860 for lightly's
@@ -993,8 +994,9 @@ class MultiViewAugment(nn.Module):
             total: the size of the whole batch (default ``B``). The parameters are drawn
                 for all ``total`` images, exactly as a call on the whole batch draws them
                 (same generator use), and only rows ``[start, stop)`` are augmented: the
-                views equal rows ``[start, stop)`` of the views of the whole batch (bit for
-                bit on the CPU with one thread: every op works image by image). What a
+                views equal rows ``[start, stop)`` of the views of the whole batch, up to
+                float32 rounding (every op works image by image; the same parameters are
+                applied, the kernels may differ with the number of rows). What a
                 process of a multi-process run uses to augment only its shard of the
                 global batch.
         """

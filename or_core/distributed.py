@@ -23,16 +23,17 @@ process it:
   ``rows`` and ``total`` draws the random parameters of all ``B`` images from the same seeded
   generator as every other process (the generator advances exactly as in a single-process run,
   so a resumed run stays exact) and applies those of its rows. Every augmentation op works image
-  by image, so the views are exactly (on the CPU bit for bit, as tested with one thread per
-  process, torchrun's default; on CUDA up to float rounding, as kernels may be chosen by the
-  batch size) rows ``[rank * B / W, (rank + 1) * B / W)`` of the views of a single-process run
+  by image, so the views are (up to float32 rounding: kernels, BLAS ones on the CPU included,
+  may be chosen by the number of rows) rows ``[rank * B / W, (rank + 1) * B / W)`` of the views of a single-process run
   with the same global batch, at ``1 / W`` of its decoding and augmentation work per process;
 * writes the run directory, shows the progress bar and evaluates on rank 0 only (every
   process loads the checkpoint to resume).
 
 With the same global batch, seed and config, a ``W``-process run follows the single-process run
 up to floating-point summation order (gradients are averaged by an all-reduce, batch-norm sums
-are added across processes). Single-process runs do not touch any of this: no process group, no
+are added across processes). In float32 a few steps can take the two 4-14% apart (a rounding
+flips ReLUs, and training amplifies it), so the equivalence is tested in float64
+(``tests/test_distributed.py``). Single-process runs do not touch any of this: no process group, no
 wrapping.
 
 Eight GPUs on one machine::
