@@ -107,6 +107,23 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--only", nargs="+", default=None, help="only runs with these names")
     m.add_argument("--dry-run", action="store_true", help="list the pending runs and stop")
     m.add_argument("--rerun", action="store_true", help="train recorded runs again, overwriting their records")
+    c = sub.add_parser(
+        "campaign",
+        parents=[common],
+        help="train the next runs of a campaign (configs/campaign_gpu.yaml) that fit a time budget, one bundle each",
+    )
+    c.add_argument("campaign", help="campaign YAML file, e.g. configs/campaign_gpu.yaml")
+    c.add_argument(
+        "--budget-s", type=float, required=True,
+        help="seconds this call may take: a run starts only if its expected time fits what is left",
+    )
+    c.add_argument("--out", required=True, help="folder of the bundles, one <run>.json per finished run")
+    c.add_argument("--results", default=None, help="records folder whose runs are skipped (default: the file's `results`)")
+    c.add_argument(
+        "--rates", default=None,
+        help="measured images/s: a rates JSON, a benchmarks/train_throughput.py JSON or a folder of records",
+    )
+    c.add_argument("--dry-run", action="store_true", help="list what the call would run and skip; train nothing")
     return parser
 
 
@@ -140,6 +157,11 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
             results=args.results, dry_run=args.dry_run, rerun=args.rerun, debug=debug,
         )
         print(("pending: " if args.dry_run else "ran: ") + (", ".join(names) or "nothing"))
+        return 0
+    if args.command == "campaign":
+        from or_core.campaign import run_campaign
+
+        run_campaign(args.campaign, args.budget_s, args.out, results=args.results, rates=args.rates, dry_run=args.dry_run)
         return 0
     fields = {f for f in PretrainConfig.__dataclass_fields__}
     overrides = {k: v for k, v in vars(args).items() if k in fields}
