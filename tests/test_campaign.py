@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cli_helpers import run_cli as cli
 from or_core.__main__ import main
 from or_core.campaign import NEVER_FITS, NOT_STARTED, decide, expected_seconds, load_campaign, read_rates
 from or_core.config import resolve_config
@@ -55,16 +56,6 @@ def write_campaign(path: Path, base: dict[str, Any], runs: list[Any], **top: Any
     }
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
-
-
-def cli(capsys: pytest.CaptureFixture, *argv: Any) -> tuple[int, str, str]:
-    """``python -m or_core ARGV`` in this process: (exit code, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def numbers(value: Any) -> list[float]:

@@ -19,21 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import run_cli as cli
 from or_core.__main__ import main
 from or_core.config import check_field, fit_to_data, resolve_config
 from or_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    """``python -m or_core ARGV`` in this process: (exit code, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, err: str, *phrases: str) -> str:
