@@ -87,11 +87,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from or_core.checkpoint import load_checkpoint, write_text_atomic
 from or_core.compiling import compile_mode
-from or_core.config import PROFILES, PretrainConfig, check_field, fit_to_data, resolve_config
+from or_core.config import PROFILES, PretrainConfig, check_field, fit_to_data, read_yaml_file, resolve_config
 from or_core.data import count_images, load_split
 from or_core.errors import ConfigError, InputError, MissingPathError, input_error_message
 from or_core.experiments import run_name
@@ -358,15 +357,7 @@ def _rates_block(block: dict[str, dict[str, Any]]) -> dict[tuple[str, str], floa
 
 
 def _read_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise MissingPathError(f"campaign file not found: {path}; check the path (e.g. configs/campaign_gpu.yaml)")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f", line {mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(getattr(error, "problem", None) or error).split())
-        raise ConfigError(f"{path}{line}: not valid YAML ({problem}); fix the file") from None
+    spec = read_yaml_file(path, f"campaign file not found: {path}; check the path (e.g. configs/campaign_gpu.yaml)")
     if not isinstance(spec, dict):
         raise ConfigError(
             f"{path}: expected a mapping of {', '.join(CAMPAIGN_KEYS)} at the top level; see configs/campaign_gpu.yaml"

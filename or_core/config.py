@@ -208,17 +208,28 @@ def _default_data_root() -> str:
     return str(Path(cache).expanduser() / "datasets") if cache else "~/.cache/or_core/datasets"
 
 
+def read_yaml_file(path: Path, missing_hint: str) -> Any:
+    """The content of a YAML file (config, matrix or campaign).
+
+    Raises:
+        MissingPathError: no such file (the message ends with ``missing_hint``).
+        ConfigError: invalid YAML, naming the file, the line and the problem.
+    """
+    if not path.is_file():
+        raise MissingPathError(missing_hint)
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise ConfigError(f"{path}{line}: not valid YAML ({problem}); fix the file") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML file; unknown keys are an error naming the valid ones."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingPathError(f"config file not found: {path}; check the path given to --config")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f", line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(error, 'problem', error)}); fix the file") from None
+    data = read_yaml_file(path, f"config file not found: {path}; check the path given to --config") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields (field: value), got {type(data).__name__}")
     _check_keys(data, str(path))

@@ -60,12 +60,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from or_core.checkpoint import load_checkpoint
-from or_core.config import PROFILES, PretrainConfig, check_field, fit_to_data, resolve_config
+from or_core.config import PROFILES, PretrainConfig, check_field, fit_to_data, read_yaml_file, resolve_config
 from or_core.data import load_split, load_split_at_most
-from or_core.errors import ConfigError, InputError, MissingPathError, input_error_message
+from or_core.errors import ConfigError, InputError, input_error_message
 from or_core.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from or_core.orthogonality import DEFAULT_GAMMA
 from or_core.records import collapse_spectra, load_records, provenance, scale_of, write_record
@@ -223,15 +222,7 @@ def _kind(value: Any) -> str:
 def _read_spec(path: Path) -> dict[str, Any]:
     """The mapping of a matrix file; a missing file, invalid YAML or a top level that is not a
     mapping is an error naming the file and the fix."""
-    if not path.is_file():
-        raise MissingPathError(f"matrix file not found: {path}; check the path (the matrices are configs/matrix_*.yaml)")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f", line {mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(getattr(error, "problem", None) or error).split())
-        raise ConfigError(f"{path}{line}: not valid YAML ({problem}); fix the file") from None
+    spec = read_yaml_file(path, f"matrix file not found: {path}; check the path (the matrices are configs/matrix_*.yaml)")
     if spec is None:
         spec = {}
     if not isinstance(spec, dict):
