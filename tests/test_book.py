@@ -10,9 +10,11 @@ is the session fixture ``built_book`` of ``conftest.py``, shared with ``test_bro
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import subprocess
 import sys
+import types
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -74,17 +76,45 @@ def test_source_notebook_has_a_parameters_cell_with_the_cpu_defaults(path: Path)
         assert value == cpu[name], f"{path.name}: {name} = {value!r}, the cpu profile says {cpu[name]!r}"
 
 
+def _first_code_cell(path: Path) -> str:
+    return _source(next(c for c in _notebook(path)["cells"] if c["cell_type"] == "code"))
+
+
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
-def test_first_code_cell_installs_or_core_on_colab_only(path: Path) -> None:
-    first = next(c for c in _notebook(path)["cells"] if c["cell_type"] == "code")
-    source = _source(first)
+def test_first_code_cell_sets_colab_up_and_does_nothing_elsewhere(path: Path) -> None:
+    pytest.importorskip("IPython")
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    source = _first_code_cell(path)
     repo_url = yaml.safe_load((BOOK / "_config.yml").read_text())["repository"]["url"]
     assert 'if "google.colab" in sys.modules:' in source
-    assert repo_url in source
-    # Outside Colab the cell must do nothing: run it.
+    assert f"git clone --depth 1 {repo_url} /content/or_core" in source
+    assert "%run /content/or_core/notebooks/colab_setup.py" in source
+    # Outside Colab the cell must do nothing: run it as IPython reads its ! and % lines.
     namespace: dict = {}
-    exec(compile(source, "<colab cell>", "exec"), namespace)  # noqa: S102
+    exec(compile(TransformerManager().transform_cell(source), "<colab cell>", "exec"), namespace)  # noqa: S102
     assert "google.colab" not in sys.modules
+
+
+def test_every_notebook_has_the_same_colab_cell() -> None:
+    assert len({_first_code_cell(path) for path in SOURCES}) == 1
+
+
+def test_colab_setup_installs_the_checkout_and_works_in_its_notebooks_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    spec = importlib.util.spec_from_file_location("colab_setup", NOTEBOOKS / "colab_setup.py")
+    colab_setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(colab_setup)
+    commands: list[list[str]] = []
+    monkeypatch.setattr(colab_setup.subprocess, "run", lambda command, check: commands.append(command))
+    monkeypatch.chdir(tmp_path)
+    assert colab_setup.setup() is False  # not on Colab
+    assert commands == [] and Path.cwd() == tmp_path
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert colab_setup.setup() is True
+    assert commands == [[sys.executable, "-m", "pip", "install", "--quiet", str(REPO_ROOT)]]
+    assert Path.cwd() == NOTEBOOKS
 
 
 def test_profiles_are_flat_with_the_same_keys() -> None:
