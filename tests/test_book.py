@@ -117,6 +117,22 @@ def test_colab_setup_installs_the_checkout_and_works_in_its_notebooks_folder(
     assert Path.cwd() == NOTEBOOKS
 
 
+@pytest.mark.parametrize("name", ["01_collapse.ipynb", "04_imagenet_pretraining.ipynb"])
+def test_the_recorded_parameters_are_those_of_the_parameters_cell(name: str) -> None:
+    cells = [c for c in _notebook(NOTEBOOKS / name)["cells"] if c["cell_type"] == "code"]
+    declared = [node.targets[0].id for c in cells if "parameters" in c["metadata"].get("tags", [])
+                for node in ast.parse(_source(c)).body]
+    recorded = [
+        node.value.keywords
+        for c in cells[1:]  # after the Colab cell, plain Python
+        for node in ast.walk(ast.parse(_source(c)))
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["parameters"]
+    ]
+    assert len(recorded) == 1, f"{name}: {len(recorded)} assignments to `parameters`"
+    assert [k.arg for k in recorded[0]] == declared
+    assert all(isinstance(k.value, ast.Name) and k.value.id == k.arg for k in recorded[0])
+
+
 def test_profiles_are_flat_with_the_same_keys() -> None:
     cpu, gpu = _profile("cpu"), _profile("gpu")
     assert cpu["profile"] == "cpu" and gpu["profile"] == "gpu"
