@@ -10,9 +10,9 @@ import sys
 from typing import NoReturn
 
 from or_core.compiling import COMPILE_MODES
-from or_core.config import PROFILE_METHOD_SETTINGS, PROFILES, PretrainConfig, resolve_config
+from or_core.config import PROFILES, PretrainConfig, resolve_config
 from or_core.errors import input_error_message
-from or_core.methods import REGULARIZERS, available_methods
+from or_core.methods import METHODS, REGULARIZERS, available_methods
 
 DATASETS = "cifar10, cifar100, or a path to an ImageFolder root with train/ and val/ (or test/)"
 #: ``evaluate``'s flags: the evaluation sizes of the run's config, overridden (clipped to the data).
@@ -56,9 +56,9 @@ def _parser() -> argparse.ArgumentParser:
             f"profiles: " + "; ".join(f"{k}: {v}" for k, v in PROFILES.items()) + "\n"
             "per-method profile settings: "
             + "; ".join(
-                f"{profile} {method}: {settings}"
-                for profile, methods in PROFILE_METHOD_SETTINGS.items()
-                for method, settings in methods.items()
+                f"{profile} {name}: {settings}"
+                for name, cls in sorted(METHODS.items())
+                for profile, settings in cls.profile_settings.items()
             )
         ),
     )

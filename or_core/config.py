@@ -30,7 +30,15 @@ import yaml
 
 from or_core.errors import ConfigError, MissingPathError
 
-__all__ = ["PretrainConfig", "PROFILES", "PROFILE_METHOD_SETTINGS", "check_field", "fit_to_data", "resolve_config", "load_yaml"]
+__all__ = [
+    "PretrainConfig",
+    "PROFILES",
+    "check_field",
+    "fit_to_data",
+    "load_yaml",
+    "method_profile_settings",
+    "resolve_config",
+]
 
 
 @dataclass
@@ -152,55 +160,6 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-#: Settings of a profile for one method, applied over the profile (and under a YAML file and
-#: explicit overrides).
-#:
-#: cpu: DINO and SwaV with their published (solo-learn) settings never left the loss of uniform
-#: predictions (ln K) in the profile's 800 steps and ended at the untrained encoder's kNN top-1
-#: (0.245 and 0.233 against 0.229; results/methods_cpu/ at 785e37d). Per-step diagnostics showed
-#: why: at width 0.125 the random encoder's projections of different images are nearly parallel,
-#: so the teacher's targets (DINO) and the Sinkhorn codes (SwaV) are near uniform and a constant
-#: output is the cheapest fit (SwaV's projections reached a mean pairwise cosine of 0.99 within
-#: 200 steps). What learns instead, one seed each, measured 2026-11-26 (kNN / linear top-1):
-#:
-#: * DINO: lightly's CIFAR-10 benchmark head (512 hidden, 64 bottleneck, 2048 prototypes, batch
-#:   norm), teacher momentum 0.99, teacher temperature 0.04, no local crops: 0.344 / 0.368 at the
-#:   profile's lr 0.15 and 0.367 / 0.361 at lr 0.05 (kept).
-#: * SwaV: lightly's head (512 -> 128, 512 prototypes), sharper codes (Sinkhorn epsilon 0.02), the
-#:   prototypes frozen for the first 20% of training, no local crops, no queue: 0.354 / 0.387 at
-#:   lr 0.15 (kept) and 0.292 / 0.335 at lr 0.05.
-#:
-#: Without local crops both also train about twice as fast on two cores.
-PROFILE_METHOD_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
-    "cpu": {
-        "dino": {
-            "lr": 0.05,
-            "method_kwargs": {
-                "proj_hidden_dim": 512,
-                "proj_output_dim": 64,
-                "num_prototypes": 2048,
-                "batch_norm": True,
-                "base_momentum": 0.99,
-                "warmup_teacher_temp": 0.04,
-                "teacher_temp": 0.04,
-                "num_local_views": 0,
-            },
-        },
-        "swav": {
-            "method_kwargs": {
-                "proj_hidden_dim": 512,
-                "proj_output_dim": 128,
-                "num_prototypes": 512,
-                "sinkhorn_epsilon": 0.02,
-                "freeze_prototypes_progress": 0.2,
-                "queue_length": 0,
-                "num_local_views": 0,
-            },
-        },
-    },
-}
-
-
 def _default_data_root() -> str:
     """``$OR_CORE_CACHE/datasets`` when that variable is set (as :func:`or_core.data.default_data_root`
     reads it), else ``~/.cache/or_core/datasets``, written unexpanded."""
@@ -250,8 +209,9 @@ def resolve_config(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> PretrainConfig:
-    """Defaults, then ``profile`` (with its :data:`PROFILE_METHOD_SETTINGS` for the run's method),
-    then ``config_file``, then ``overrides`` (``None`` values skipped).
+    """Defaults, then ``profile`` (with the run's method's settings for it,
+    :func:`method_profile_settings`), then ``config_file``, then ``overrides`` (``None`` values
+    skipped).
 
     ``method_kwargs`` and ``augment_overrides`` (fields of
     :class:`or_core.augment.ViewConfig` for the full-size views) are merged key by key.
@@ -267,9 +227,27 @@ def resolve_config(
             raise ConfigError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
         values = _merge(values, {**PROFILES[profile], "profile": profile})
         method = clean.get("method", from_file.get("method", PretrainConfig.method))
-        values = _merge(values, PROFILE_METHOD_SETTINGS.get(profile, {}).get(method, {}))
+        values = _merge(values, method_profile_settings(method, profile))
     values = _merge(_merge(values, from_file), clean)
     return PretrainConfig(**values)
+
+
+def method_profile_settings(method: str, profile: str) -> dict[str, Any]:
+    """The config fields that method ``method`` sets for ``profile`` (its ``profile_settings``;
+    none for an unknown method, which the config then names as such).
+
+    Raises:
+        ConfigError: a field that is no config field or a value of the wrong type.
+    """
+    from or_core.methods import METHODS
+
+    cls = METHODS.get(method) if isinstance(method, str) else None
+    settings = cls.profile_settings.get(profile, {}) if cls is not None else {}
+    where = f"{cls.__name__}.profile_settings[{profile!r}]" if cls is not None else ""
+    _check_keys(settings, where)
+    for key, value in settings.items():
+        check_field(key, value, where)
+    return settings
 
 
 # ----------------------------------------------------------------------------------------------

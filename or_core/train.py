@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from or_core import distributed
-from or_core.augment import MultiViewAugment, method_views
+from or_core.augment import MultiViewAugment
 from or_core.backbones import build_backbone
 from or_core.checkpoint import load_checkpoint, save_atomic, write_text_atomic
 from or_core.compiling import compile_encoders, compile_mode
@@ -246,7 +246,7 @@ def build_run(cfg: PretrainConfig) -> Run:
     if device.type == "cuda":  # fixed shapes: let cuDNN pick its fastest convolution once per shape
         torch.backends.cudnn.benchmark = True
     module = distributed.wrap_method(method, device)
-    views = method_views(method.augmentation, image_size, n_local_views=method.num_local_views)
+    views = method.views(image_size, n_local_views=method.num_local_views)
     if cfg.augment_overrides:  # e.g. {"min_scale": 0.2}, on the global (full-size) views only
         unknown = sorted(set(cfg.augment_overrides) - {f.name for f in dataclasses.fields(views[0])})
         if unknown:

@@ -33,9 +33,6 @@ EXPECTED_METHODS = {
     "barlowtwins", "byol", "byol_whitening", "dino", "mocov2",
     "nnclr", "simclr", "simsiam", "swav", "vicreg",
 }
-AUGMENTATIONS = {
-    "byol", "simclr", "mocov2", "simsiam", "barlowtwins", "vicreg", "nnclr", "dino", "swav",
-}
 EMA_METHODS = ["byol", "byol_whitening", "dino", "mocov2"]
 
 IMAGE_SIZE = 32
@@ -187,7 +184,6 @@ def test_registry_lists_every_method_with_its_declarations():
     for name, cls in METHODS.items():
         assert issubclass(cls, SSLMethod)
         assert cls.name == name
-        assert cls.augmentation in AUGMENTATIONS
         assert cls.num_global_views == 2
         opt = cls.default_optimizer
         assert isinstance(opt, OptimizerDefaults)
@@ -200,11 +196,31 @@ def test_registry_lists_every_method_with_its_declarations():
     assert not METHODS["byol"].multi_crop
 
 
-def test_view_recipes_resolve_in_or_core_augment():
+def test_every_method_owns_its_views_and_method_views_finds_them():
     augment = pytest.importorskip("or_core.augment")
     for name, cls in METHODS.items():
-        views = augment.method_views(cls.augmentation, IMAGE_SIZE, n_local_views=3)
+        views = cls.views(IMAGE_SIZE, n_local_views=3)
         assert len(views) == cls.num_global_views + (3 if cls.multi_crop else 0), name
+        assert [v.size for v in views[: cls.num_global_views]] == [IMAGE_SIZE] * 2, name
+        assert augment.method_views(name, IMAGE_SIZE, n_local_views=3) == views, name
+        for alias in cls.aliases:
+            assert augment.method_views(alias, IMAGE_SIZE, n_local_views=3) == views, alias
+    # the recipes that differ: MoCo v2's scale, SimCLR's jitter, DINO's bicubic crops
+    assert METHODS["mocov2"].views(IMAGE_SIZE)[0].min_scale == 0.2
+    assert METHODS["simclr"].views(IMAGE_SIZE)[0].cj_sat == 0.8
+    assert METHODS["dino"].views(IMAGE_SIZE)[0].interpolation == "bicubic"
+    assert METHODS["byol_whitening"].views(IMAGE_SIZE) == METHODS["byol"].views(IMAGE_SIZE)
+
+
+def test_profile_settings_name_known_profiles_and_config_fields():
+    from or_core.config import PROFILES, method_profile_settings
+
+    declared = {name: cls.profile_settings for name, cls in METHODS.items() if cls.profile_settings}
+    assert set(declared) == {"dino", "swav"}  # the cpu profile's two exceptions
+    for name, settings in declared.items():
+        assert set(settings) <= set(PROFILES), name
+        for profile in settings:
+            assert method_profile_settings(name, profile) == settings[profile]
 
 
 def test_unknown_method_error_lists_valid_names():

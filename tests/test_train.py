@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from or_core.config import PROFILE_METHOD_SETTINGS, PROFILES, PretrainConfig, resolve_config
-from or_core.methods import available_methods
+from or_core.config import PROFILES, PretrainConfig, resolve_config
+from or_core.methods import available_methods, method_class
 from or_core.train import NonFiniteLossError, RunConfigMismatchError, build_run, pretrain, step_views, training_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +213,7 @@ def test_profile_method_settings_sit_between_the_profile_and_the_user(tmp_path: 
     """The cpu profile's DINO and SwaV settings apply to those methods only, over the profile's
     own values, and a YAML file or a flag still overrides them."""
     dino = resolve_config("cpu", overrides={"method": "dino"})
-    expected = PROFILE_METHOD_SETTINGS["cpu"]["dino"]
+    expected = method_class("dino").profile_settings["cpu"]
     assert dino.lr == expected["lr"] != PROFILES["cpu"]["lr"]
     assert dino.method_kwargs == {**PROFILES["cpu"]["method_kwargs"], **expected["method_kwargs"]}
     assert dino.width == PROFILES["cpu"]["width"]

@@ -46,7 +46,6 @@ class BYOL(SSLMethod):
     """
 
     name = "byol"
-    augmentation = "byol"
     # solo-learn scripts/pretrain/cifar/byol.yaml: lars, batch_size 256, lr 1.0, weight_decay 1e-5,
     # eta 0.02, clip_lr True, exclude_bias_n_norm True (the OptimizerDefaults defaults).
     default_optimizer = OptimizerDefaults(
