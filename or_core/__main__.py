@@ -168,7 +168,9 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     cfg = resolve_config(args.profile, args.config, overrides)
     from or_core.train import pretrain
 
-    summary = pretrain(cfg, args.out, progress=not args.no_progress, stop_after_epochs=args.stop_after_epochs)
+    summary = pretrain(
+        cfg, args.out, show_progress=not args.no_progress, stop_after_epochs=args.stop_after_epochs
+    )
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -531,7 +531,9 @@ def train_epoch(run: Run, epoch: int, step: int, augment_rng: torch.Generator, b
     return means, step
 
 
-def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, stop_after_epochs: int | None = None) -> dict[str, Any]:
+def pretrain(
+    cfg: PretrainConfig, out: str | Path, show_progress: bool = True, stop_after_epochs: int | None = None
+) -> dict[str, Any]:
     """Pretrain (or resume) the run of ``cfg`` in ``out``; returns the summary.
 
     Args:
@@ -539,7 +541,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, stop_a
         out: run directory: ``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``,
             ``summary.json``. If it holds a checkpoint of the same configuration, training
             resumes from it; a finished run is returned as is.
-        progress: show a tqdm progress bar.
+        show_progress: show a tqdm progress bar.
         stop_after_epochs: return after this many epochs of this call (the run stays
             resumable; no summary is written unless training is complete).
 
@@ -551,13 +553,15 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, stop_a
     owns_process_group = distributed.init_process_group(select_device(cfg.device))
     try:
         cfg = fit_to_data(cfg, notify=distributed.is_main_process())
-        return _pretrain(cfg, Path(out), progress, stop_after_epochs)
+        return _pretrain(cfg, Path(out), show_progress, stop_after_epochs)
     finally:
         if owns_process_group:
             distributed.destroy_process_group()
 
 
-def _pretrain(cfg: PretrainConfig, out: Path, progress: bool, stop_after_epochs: int | None) -> dict[str, Any]:
+def _pretrain(
+    cfg: PretrainConfig, out: Path, show_progress: bool, stop_after_epochs: int | None
+) -> dict[str, Any]:
     main = distributed.is_main_process()
     if main and out.is_dir():
         _remove_partial_writes(out)
@@ -579,7 +583,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, progress: bool, stop_after_epochs:
             print(f"resuming {out} from {where}", file=sys.stderr, flush=True)
     # the fixed test batch whose statistics metrics.jsonl records every epoch
     probe = load_split_at_most(cfg.dataset, "test", Path(os.path.expanduser(cfg.data_root)), cfg.image_size, 512, cfg.seed).images
-    bar = tqdm(total=cfg.epochs * run.steps_per_epoch, initial=step, disable=not (progress and main), desc=f"{cfg.method}+{cfg.regularizer}")
+    bar = tqdm(total=cfg.epochs * run.steps_per_epoch, initial=step, disable=not (show_progress and main), desc=f"{cfg.method}+{cfg.regularizer}")
     epochs_this_call = 0
     try:
         while epoch < cfg.epochs:
