@@ -257,7 +257,8 @@ def build_run(cfg: PretrainConfig) -> Run:
     optimizer = build_optimizer(method, cfg)
     steps_per_epoch = train_size // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
-    warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs is not None else method.default_optimizer.warmup_epochs
+    recipe = method.optimizer_defaults(cfg.backbone, cfg.image_size)  # as build_optimizer's
+    warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs is not None else recipe.warmup_epochs
     warmup_steps = min(warmup_epochs, cfg.epochs // 2) * steps_per_epoch
     scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=warmup_steps, max_epochs=total_steps)
     if mode is not None:

@@ -362,3 +362,14 @@ def test_a_compiled_run_trains_evaluates_and_resumes_exactly(data_root: Path, tm
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert 0.0 <= straight["knn_top1"] <= 1.0 and straight["or_so_total"] > 0
     assert yaml.safe_load((tmp_path / "straight" / "config.yaml").read_text())["compile"] == "default"
+
+
+def test_the_warmup_comes_from_the_runs_recipe(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a warmup in the config, build_run takes the warmup of the recipe the optimizer is
+    built from (SSLMethod.optimizer_defaults), not that of default_optimizer."""
+    cls = method_class("byol")
+    recipe = dataclasses.replace(cls.default_optimizer, warmup_epochs=1)
+    monkeypatch.setattr(cls, "optimizer_defaults", classmethod(lambda c, backbone, image_size: recipe))
+    assert cls.default_optimizer.warmup_epochs == 10
+    run = build_run(tiny(data_root, method="byol", epochs=6))
+    assert run.scheduler.warmup_epochs == 1 * run.steps_per_epoch  # default_optimizer: 3 epochs

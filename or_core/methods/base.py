@@ -164,8 +164,9 @@ class OptimizerDefaults:
     (``scripts/pretrain/cifar/*.yaml``: ``eta: 0.02``, ``clip_lr: True``,
     ``exclude_bias_n_norm: True``, momentum 0.9, 10 warmup epochs), which most methods here
     follow. :func:`or_core.train.build_optimizer` and :func:`or_core.train.optimization_step`
-    apply every field but ``warmup_epochs``, which :func:`or_core.train.build_run` reads from
-    ``default_optimizer`` (10 in every recipe here).
+    apply every field of the run's recipe (:meth:`SSLMethod.optimizer_defaults`) but
+    ``warmup_epochs``, which :func:`or_core.train.build_run` reads from the same recipe (10 in
+    every recipe here).
 
     Attributes:
         name: ``"lars"`` (:class:`or_core.lars.LARS`), ``"sgd"`` or ``"adamw"``.
