@@ -39,6 +39,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
+from types import ModuleType
 
 from torch import nn
 
@@ -66,14 +67,14 @@ def _loose(name: str) -> str:
     return re.sub(r"[-_ ]", "", name.lower())
 
 
-def _declared_methods(module: object) -> list[type[SSLMethod]]:
+def _declared_methods(module: ModuleType) -> list[type[SSLMethod]]:
     """The method classes ``module`` defines that declare their own ``name``."""
     return [
         obj
         for obj in vars(module).values()
         if isinstance(obj, type)
         and issubclass(obj, SSLMethod)
-        and obj.__module__ == getattr(module, "__name__", None)
+        and obj.__module__ == module.__name__
         and obj.__dict__.get("name")
     ]
 
