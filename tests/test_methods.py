@@ -191,7 +191,7 @@ def test_registry_lists_every_method_with_its_declarations():
         assert opt.source and opt.to_dict()["lr"] == opt.lr
         assert math.isclose(opt.scaled_lr(512), 2 * opt.lr)
         assert cls.__doc__ and "Defaults" in cls.__doc__
-    assert METHODS["dino"].vit_optimizer.name == "adamw"
+    assert METHODS["dino"].optimizer_defaults("vit_small", 224).name == "adamw"
     assert METHODS["dino"].multi_crop and METHODS["swav"].multi_crop
     assert not METHODS["byol"].multi_crop
 

@@ -49,7 +49,7 @@ class DINO(SSLMethod):
     1 of 1000 epochs (0.001), LARS lr 0.3 (batch 256), weight decay 1e-6, eta 0.02, clip_lr, no
     gradient clipping (``clip_grad`` default 0) and a constant weight decay.
 
-    For a ViT, :attr:`vit_optimizer` is DINO's AdamW recipe (facebookresearch/dino
+    For a ViT, ``optimizer_recipes["vit"]`` is DINO's AdamW recipe (facebookresearch/dino
     ``main_dino.py`` defaults): lr 5e-4 x B/256, weight decay 0.04 -> 0.4 on a cosine over
     training, each parameter's gradient clipped to norm 3.0, 10 warmup epochs; the head and
     multi-crop settings that go with it are in ``configs/cifar100_vit_dino.yaml``.
@@ -94,16 +94,17 @@ class DINO(SSLMethod):
     # batch / 256), --warmup_epochs 10, --weight_decay 0.04, --weight_decay_end 0.4 (cosine
     # utils.cosine_scheduler, on the regularized group only), --clip_grad 3.0 (utils.clip_gradients,
     # per parameter); biases and 1-D parameters not regularized (utils.get_params_groups).
-    vit_optimizer = OptimizerDefaults(
-        name="adamw",
-        lr=5e-4,
-        weight_decay=0.04,
-        weight_decay_end=0.4,
-        clip_grad=3.0,
-        exclude_bias_and_norm=True,
-        source="facebookresearch/dino main_dino.py (ViT-S/16, AdamW, lr 5e-4 x B/256)",
-    )
-    optimizer_recipes = {"vit": vit_optimizer}
+    optimizer_recipes = {
+        "vit": OptimizerDefaults(
+            name="adamw",
+            lr=5e-4,
+            weight_decay=0.04,
+            weight_decay_end=0.4,
+            clip_grad=3.0,
+            exclude_bias_and_norm=True,
+            source="facebookresearch/dino main_dino.py (ViT-S/16, AdamW, lr 5e-4 x B/256)",
+        ),
+    }
     # cpu: DINO with its published (solo-learn) settings never left the loss of uniform
     # predictions (ln K) in the profile's 800 steps and ended at the untrained encoder's kNN
     # top-1 (0.245 against 0.229; results/methods_cpu/). At width 0.125 the random encoder's
