@@ -51,10 +51,11 @@ other jobs shared; batch 256, 32 px, one thread, medians of A/B runs in one proc
 
 Throughput (``benchmarks/augment.py``, BYOL views at 32 px, batch 256, load average ~2):
 ~10000 two-view images/s on the 2-core CPU (2 threads; ~9100 with 1) vs ~860 for lightly's
-``BYOLTransform`` in a ``DataLoader`` with 2 workers, 11.6x. Intra-op threads: the tensors here are small (~0.8 M
-elements), so when the CPU is busy with other work 2 OpenMP threads spin-wait on each
-other; with a load average of ~3 we measured 2300 images/s with 2 threads vs 10000 with
-``torch.set_num_threads(1)`` (7500 with 2 threads and ``OMP_WAIT_POLICY=PASSIVE``).
+``BYOLTransform`` in a ``DataLoader`` with 2 workers, 11.6x. Intra-op threads: the tensors
+here are small (~0.8 M elements), so when the CPU is busy with other work 2 OpenMP threads
+spin-wait on each other; with a load average of ~3 we measured 2300 images/s with 2 threads
+vs 10000 with ``torch.set_num_threads(1)`` (7500 with 2 threads and
+``OMP_WAIT_POLICY=PASSIVE``).
 
 Deliberate differences to lightly's PIL pipeline (all documented where they occur):
 the Gaussian blur is a true Gaussian with a fixed kernel size (PIL approximates it with box
@@ -332,7 +333,8 @@ def sample_view_params(
 
 
 def slice_view_params(params: ViewParams, start: int, stop: int) -> ViewParams:
-    """The parameters of images ``start`` to ``stop - 1`` of a batch's ``params`` (views, no copy)."""
+    """The parameters of images ``start`` to ``stop - 1`` of a batch's ``params`` (views, no
+    copy)."""
     return ViewParams(*(field[start:stop] for field in params))
 
 
@@ -919,7 +921,8 @@ def _batch_rows(n: int, rows: tuple[int, int] | None, total: int | None) -> tupl
     total = n if total is None else int(total)
     if stop - start != n or not 0 <= start <= stop <= total:
         raise ValueError(
-            f"rows {(start, stop)} of a batch of {total} images do not describe the {n} images given"
+            f"rows {(start, stop)} of a batch of {total} images do not describe the {n} images "
+            "given"
         )
     return start, stop, total
 

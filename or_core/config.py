@@ -101,7 +101,9 @@ class PretrainConfig:
         """The config of a mapping (a run's ``config.yaml``, a checkpoint's ``config``);
         unknown keys are a :class:`~or_core.errors.ConfigError` naming them and ``where``."""
         if not isinstance(values, dict):
-            raise ConfigError(f"{where}: expected a mapping of config fields, got {type(values).__name__}")
+            raise ConfigError(
+                f"{where}: expected a mapping of config fields, got {type(values).__name__}"
+            )
         _check_keys(values, where)
         return cls(**values)
 
@@ -161,8 +163,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 
 def _default_data_root() -> str:
-    """``$OR_CORE_CACHE/datasets`` when that variable is set (as :func:`or_core.data.default_data_root`
-    reads it), else ``~/.cache/or_core/datasets``, written unexpanded."""
+    """``$OR_CORE_CACHE/datasets`` when that variable is set (as
+    :func:`or_core.data.default_data_root` reads it), else ``~/.cache/or_core/datasets``, written
+    unexpanded."""
     cache = os.environ.get("OR_CORE_CACHE")
     return str(Path(cache).expanduser() / "datasets") if cache else "~/.cache/or_core/datasets"
 
@@ -188,9 +191,13 @@ def read_yaml_file(path: Path, missing_hint: str) -> Any:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML file; unknown keys are an error naming the valid ones."""
     path = Path(path)
-    data = read_yaml_file(path, f"config file not found: {path}; check the path given to --config") or {}
+    missing = f"config file not found: {path}; check the path given to --config"
+    data = read_yaml_file(path, missing) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config fields (field: value), got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of config fields (field: value), got "
+            f"{type(data).__name__}"
+        )
     _check_keys(data, str(path))
     for key, value in data.items():
         check_field(key, value, str(path))
@@ -201,7 +208,9 @@ def _check_keys(values: dict[str, Any], where: str) -> None:
     valid = {f.name for f in dataclasses.fields(PretrainConfig)}
     unknown = sorted(set(values) - valid)
     if unknown:
-        raise ConfigError(f"{where}: unknown config field(s) {unknown}; valid fields: {sorted(valid)}")
+        raise ConfigError(
+            f"{where}: unknown config field(s) {unknown}; valid fields: {sorted(valid)}"
+        )
 
 
 def resolve_config(
@@ -288,7 +297,8 @@ def fit_to_data(cfg: PretrainConfig, notify: bool = True) -> PretrainConfig:
         fitted["eval_train_subset"] = min(cfg.eval_train_subset, n_train)
     if cfg.eval_test_subset is not None:
         fitted["eval_test_subset"] = min(cfg.eval_test_subset, n_test)
-    banks = [fitted.get("eval_train_subset") or n_train, *([subset] if subset is not None and val else [])]
+    pretraining_bank = [subset] if subset is not None and val else []
+    banks = [fitted.get("eval_train_subset") or n_train, *pretraining_bank]
     fitted["knn_k"] = min(cfg.knn_k, *banks)
     changed = {k: (getattr(cfg, k), v) for k, v in fitted.items() if getattr(cfg, k) != v}
     if not changed:
@@ -339,7 +349,8 @@ _OPTIMIZERS = ("lars", "sgd", "adamw")
 
 
 def _number(key: str, value: Any, where: str, kind: str) -> float:
-    """``value`` as a number: YAML 1.1 reads ``5e-4`` as the string "5e-4"; booleans are no numbers."""
+    """``value`` as a number: YAML 1.1 reads ``5e-4`` as the string "5e-4"; booleans are no
+    numbers."""
     if isinstance(value, str):
         try:
             return float(value)
@@ -348,7 +359,9 @@ def _number(key: str, value: Any, where: str, kind: str) -> float:
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
     example = "5" if kind.startswith("an integer") else "1e-4"
-    raise ConfigError(f"{where}: field {key!r} must be {kind}, got {value!r}; write a number such as {example}")
+    raise ConfigError(
+        f"{where}: field {key!r} must be {kind}, got {value!r}; write a number such as {example}"
+    )
 
 
 def check_field(key: str, value: Any, where: str = "config") -> Any:
@@ -378,7 +391,9 @@ def check_field(key: str, value: Any, where: str = "config") -> Any:
         return number
     if key in _BOOLEANS:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: field {key!r} must be true or false (unquoted), got {value!r}")
+            raise ConfigError(
+                f"{where}: field {key!r} must be true or false (unquoted), got {value!r}"
+            )
         return value
     if key in _STRINGS:
         if not isinstance(value, str) or not value:
@@ -386,18 +401,24 @@ def check_field(key: str, value: Any, where: str = "config") -> Any:
         return value
     if key in _MAPPINGS:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{where}: field {key!r} must be a mapping of names to values, got {value!r}")
+            raise ConfigError(
+                f"{where}: field {key!r} must be a mapping of names to values, got {value!r}"
+            )
         return dict(value)
     if key == "optimizer":
         if value is not None and value not in _OPTIMIZERS:
-            raise ConfigError(f"{where}: field 'optimizer' must be one of {', '.join(_OPTIMIZERS)}, got {value!r}")
+            raise ConfigError(
+                f"{where}: field 'optimizer' must be one of {', '.join(_OPTIMIZERS)}, got "
+                f"{value!r}"
+            )
         return value
     if key == "compile":
         from or_core.compiling import COMPILE_MODES
 
         if not isinstance(value, bool) and value not in ("none", *COMPILE_MODES):
             raise ConfigError(
-                f"{where}: field 'compile' must be true, false or one of none, {', '.join(COMPILE_MODES)}, got {value!r}"
+                f"{where}: field 'compile' must be true, false or one of none, "
+                f"{', '.join(COMPILE_MODES)}, got {value!r}"
             )
         return value
     return value
@@ -409,11 +430,18 @@ def _check_together(cfg: PretrainConfig) -> None:
     from or_core.methods import REGULARIZERS, available_methods
 
     if cfg.method not in available_methods():
-        raise ConfigError(f"unknown method {cfg.method!r}; valid methods: {', '.join(available_methods())}")
+        raise ConfigError(
+            f"unknown method {cfg.method!r}; valid methods: {', '.join(available_methods())}"
+        )
     if cfg.regularizer not in REGULARIZERS:
-        raise ConfigError(f"unknown regularizer {cfg.regularizer!r}; valid regularizers: {', '.join(REGULARIZERS)}")
+        raise ConfigError(
+            f"unknown regularizer {cfg.regularizer!r}; valid regularizers: "
+            f"{', '.join(REGULARIZERS)}"
+        )
     if cfg.backbone not in BACKBONE_NAMES:
-        raise ConfigError(f"unknown backbone {cfg.backbone!r}; valid backbones: {', '.join(BACKBONE_NAMES)}")
+        raise ConfigError(
+            f"unknown backbone {cfg.backbone!r}; valid backbones: {', '.join(BACKBONE_NAMES)}"
+        )
     if cfg.regularizer == "none" and cfg.gamma is not None:
         raise ConfigError(
             f"gamma {cfg.gamma:g} is set but the regularizer is none: choose a regularizer "

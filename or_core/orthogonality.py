@@ -525,7 +525,8 @@ class OrthogonalityRegularizer(nn.Module):
         return self.gamma * self.penalty()
 
     def per_layer(self) -> dict[str, Tensor]:
-        """Each layer's penalty (without ``gamma``), by weight name; SRIP vectors are not updated."""
+        """Each layer's penalty (without ``gamma``), by weight name; SRIP vectors are not
+        updated."""
         fn = _FUNCTIONAL[self.kind]
         out = {}
         for name, w in zip(self.names, self._weights):

@@ -15,7 +15,7 @@ One training step, as the training loop drives it::
     out["loss"].backward()
     clip_gradients(optimizer)                     # the recipe's clip_grad (DINO's ViT recipe)
     method.on_after_backward(progress)            # e.g. DINO freezes its last layer early on
-    schedule_weight_decay(optimizer, progress)    # the recipe's weight_decay_end (DINO's ViT recipe)
+    schedule_weight_decay(optimizer, progress)    # the recipe's weight_decay_end (DINO's ViT)
     optimizer.step()
     method.on_train_step_end(progress)            # a no-op for the methods here
 
@@ -134,7 +134,9 @@ def persistent_memory_bank(bank: MemoryBankModule) -> MemoryBankModule:
     """
     for name in ("bank", "bank_ptr"):
         bank.register_buffer(name, getattr(bank, name), persistent=True)
-    bank._dequeue_and_enqueue = functools.partial(_enqueue_without_sync, bank)  # type: ignore[method-assign]
+    bank._dequeue_and_enqueue = functools.partial(  # type: ignore[method-assign]
+        _enqueue_without_sync, bank
+    )
     return bank
 
 
@@ -239,7 +241,9 @@ def schedule_weight_decay(optimizer: torch.optim.Optimizer, progress: float) -> 
     ``end + (start - end) * (1 + cos(pi * step / total_steps)) / 2``. Other groups keep theirs."""
     for group in optimizer.param_groups:
         if group.get("weight_decay_end") is not None:
-            group["weight_decay"] = cosine_progress(progress, group["weight_decay_start"], group["weight_decay_end"])
+            group["weight_decay"] = cosine_progress(
+                progress, group["weight_decay_start"], group["weight_decay_end"]
+            )
 
 
 @torch.no_grad()
@@ -273,7 +277,8 @@ class SSLMethod(nn.Module):
         num_global_views: full-resolution views per image (2 for all methods here).
         multi_crop: whether the method takes extra low-resolution local crops after the global
             views; ``num_local_views`` (an instance attribute) says how many by default.
-        default_optimizer: the published optimizer recipe at CIFAR scale (:class:`OptimizerDefaults`).
+        default_optimizer: the published optimizer recipe at CIFAR scale
+            (:class:`OptimizerDefaults`).
         optimizer_recipes: the recipes for other data sets and backbones, by
             :func:`recipe_key` (``"imagenet"``, ``"imagenet-100"``, ``"vit"``); a run whose
             key is not there takes ``default_optimizer`` (:meth:`optimizer_defaults`).
@@ -444,14 +449,17 @@ class SSLMethod(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Helpers
     # ------------------------------------------------------------------------------------------
-    def parameter_groups(self, weight_decay: float, exclude_bias_and_norm: bool = True) -> list[dict]:
+    def parameter_groups(
+        self, weight_decay: float, exclude_bias_and_norm: bool = True
+    ) -> list[dict]:
         """Trainable parameters in two optimizer groups: decayed, and biases/norms undecayed
         (lightly's ``get_weight_decay_parameters``); with ``exclude_bias_and_norm=False`` one
         group, all decayed. EMA targets and frozen parameters (``requires_grad=False``) are
         left out.
         """
         if not exclude_bias_and_norm:
-            return [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+            trainable = [p for p in self.parameters() if p.requires_grad]
+            return [{"params": trainable, "weight_decay": weight_decay}]
         decay, no_decay = get_weight_decay_parameters([self])
         return [
             {"params": [p for p in decay if p.requires_grad], "weight_decay": weight_decay},

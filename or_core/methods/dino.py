@@ -105,15 +105,14 @@ class DINO(SSLMethod):
             source="facebookresearch/dino main_dino.py (ViT-S/16, AdamW, lr 5e-4 x B/256)",
         ),
     }
-    # cpu: DINO with its published (solo-learn) settings never left the loss of uniform
-    # predictions (ln K) in the profile's 800 steps and ended at the untrained encoder's kNN
-    # top-1 (0.245 against 0.229; results/methods_cpu/). At width 0.125 the random encoder's
-    # projections of different images are nearly parallel, so the teacher's targets are near
-    # uniform and a constant output is the cheapest fit. What learns instead (kNN / linear top-1,
-    # one seed): lightly's CIFAR-10 benchmark head (512 hidden, 64 bottleneck, 2048 prototypes,
-    # batch norm), teacher momentum 0.99, teacher temperature 0.04, no local crops (also about
-    # twice as fast on two cores): 0.344 / 0.368 at the profile's lr 0.15, 0.367 / 0.361 at lr
-    # 0.05 (kept).
+    # cpu: with the published (solo-learn) settings the loss never left ln K (uniform
+    # predictions) in the profile's 800 steps and the encoder stayed at its untrained kNN
+    # accuracy: at width 0.125 the random encoder's projections of different images are nearly
+    # parallel, so the teacher's targets are near uniform and a constant output is the cheapest
+    # fit. lightly's CIFAR-10 benchmark head (512 hidden, 64 bottleneck, 2048 prototypes, batch
+    # norm), a faster teacher (momentum 0.99) with a sharper temperature (0.04) and no local
+    # crops (twice as fast on two cores) learn instead, best at lr 0.05 (results/cpu_profile/,
+    # results/methods_cpu/).
     profile_settings = {
         "cpu": {
             "lr": 0.05,
@@ -166,7 +165,8 @@ class DINO(SSLMethod):
         base_momentum: float = 0.9995,
         final_momentum: float = 1.0,
         freeze_last_layer_progress: float = 0.001,  # 1 of 1000 epochs (solo/methods/dino.py)
-        # solo-learn scripts/pretrain/cifar/dino.yaml: augmentations/asymmetric.yaml, two 32 px crops.
+        # solo-learn scripts/pretrain/cifar/dino.yaml: augmentations/asymmetric.yaml, two 32 px
+        # crops.
         num_local_views: int = 0,
     ) -> None:
         super().__init__(backbone, feature_dim, regularizer, gamma)
@@ -224,8 +224,8 @@ class DINO(SSLMethod):
 
     def ssl_loss(self, views: Sequence[Tensor], progress: float) -> Tensor:
         n_global = self.num_global_views
-        teacher_out = self.forward_teacher(torch.cat(views[:n_global])).chunk(n_global)
-        student_out = []
+        teacher_out = self.forward_teacher(torch.cat(list(views[:n_global]))).chunk(n_global)
+        student_out: list[Tensor] = []
         for group in same_size_groups(views):
             student_out += self.forward_student(torch.cat(group)).chunk(len(group))
         return self.criterion(

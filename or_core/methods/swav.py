@@ -84,15 +84,13 @@ class SwaV(SSLMethod):
         weight_decay=1e-6,
         source="solo-learn scripts/pretrain/cifar/swav.yaml (ResNet-18, batch 256)",
     )
-    # cpu: SwaV with its published (solo-learn) settings never left the loss of uniform
-    # predictions (ln K) in the profile's 800 steps and ended at the untrained encoder's kNN
-    # top-1 (0.233 against 0.229; results/methods_cpu/). At width 0.125 the random encoder's
-    # projections of different images are nearly parallel, so the Sinkhorn codes are near uniform
-    # and a constant output is the cheapest fit (the projections reached a mean pairwise cosine
-    # of 0.99 within 200 steps). What learns instead (kNN / linear top-1, one seed): lightly's head
-    # (512 -> 128, 512 prototypes), sharper codes (Sinkhorn epsilon 0.02), the prototypes frozen
-    # for the first 20% of training, no local crops (also about twice as fast on two cores), no
-    # queue: 0.354 / 0.387 at the profile's lr 0.15 (kept), 0.292 / 0.335 at lr 0.05.
+    # cpu: with the published (solo-learn) settings every projection collapsed to one point and
+    # the loss stayed at ln K (uniform predictions) in the profile's 800 steps: at width 0.125
+    # the random encoder's projections of different images are nearly parallel, so the Sinkhorn
+    # codes are near uniform and a constant output is the cheapest fit. lightly's head (512 ->
+    # 128, 512 prototypes), sharper codes (Sinkhorn epsilon 0.02), prototypes frozen for the
+    # first 20% of training, no local crops (twice as fast on two cores) and no queue learn
+    # instead, at the profile's lr (results/cpu_profile/, results/methods_cpu/).
     profile_settings = {
         "cpu": {
             "method_kwargs": {
@@ -131,7 +129,8 @@ class SwaV(SSLMethod):
         queue_length: int = 3840,
         queue_start_progress: float = 0.05,
         freeze_prototypes_progress: float = 0.002,
-        # solo-learn scripts/pretrain/cifar/swav.yaml: augmentations/symmetric.yaml, two 32 px crops.
+        # solo-learn scripts/pretrain/cifar/swav.yaml: augmentations/symmetric.yaml, two 32 px
+        # crops.
         num_local_views: int = 0,
         gather_distributed: bool = False,
     ) -> None:
@@ -195,7 +194,8 @@ class SwaV(SSLMethod):
         ]
         count = read_counter(self, "queued")  # on the host: no synchronization per step
         full = count >= self.queue_length
-        pushed = global_projections[0].shape[0] * (dist.world_size() if self.gather_distributed else 1)
+        processes = dist.world_size() if self.gather_distributed else 1
+        pushed = global_projections[0].shape[0] * processes
         write_counter(self, "queued", count + pushed)
         if not full:
             return None
