@@ -13,9 +13,10 @@ it, a subclass of :class:`SSLMethod` declares
 * ``name``: its registry name, the value of ``--method`` and of a config's ``method``;
 * ``default_optimizer``: its published recipe (:class:`OptimizerDefaults`), and optionally
   ``optimizer_recipes`` for other data sets and backbones;
-* ``__init__(backbone, feature_dim, regularizer="none", gamma=None, ...)``, calling
-  ``super().__init__(backbone, feature_dim, regularizer, gamma)`` before building its heads
-  (the regularizer must see the online backbone only), and :meth:`SSLMethod.ssl_loss`;
+* ``__init__(backbone, feature_dim, regularizer="none", gamma=None, proj_hidden_dim=...,
+  proj_output_dim=..., ...)`` (the cpu and ci profiles set those two sizes for every method),
+  calling ``super().__init__(backbone, feature_dim, regularizer, gamma)`` before building its
+  heads (the regularizer must see the online backbone only), and :meth:`SSLMethod.ssl_loss`;
 
 and where the defaults do not fit:
 
@@ -30,8 +31,9 @@ and where the defaults do not fit:
 :func:`discover_methods` imports every module of this package when it is first imported and
 registers every class defined there that declares a ``name``; the command line
 (``python -m or_core pretrain --help`` lists it), configs, matrices, campaigns and the book
-then know the method. The test suite trains every registered method (``tests/test_train.py``,
-``tests/test_methods.py`` with heads small enough for the CPU; add the new method's there).
+then know the method, and the tests train it with every other registered method
+(``tests/test_methods.py``, ``tests/test_train.py``, heads narrowed through
+``proj_hidden_dim``/``proj_output_dim``, which every method takes).
 """
 
 from __future__ import annotations
