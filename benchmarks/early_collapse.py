@@ -12,7 +12,7 @@ batch about to be trained on:
   the two views of one image (different images at cosine 1: every projection is the same).
 
 ``--published`` drops the cpu profile's per-method settings
-(:data:`or_core.config.PROFILE_METHOD_SETTINGS`): the method's published settings at the
+(the method class's ``profile_settings``): the method's published settings at the
 profile's sizes, which stay at the loss of uniform predictions. Example::
 
     python benchmarks/early_collapse.py --method swav --steps 200 --published

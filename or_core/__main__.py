@@ -10,9 +10,9 @@ import sys
 from typing import NoReturn
 
 from or_core.compiling import COMPILE_MODES
-from or_core.config import PROFILE_METHOD_SETTINGS, PROFILES, PretrainConfig, resolve_config
+from or_core.config import PROFILES, PretrainConfig, resolve_config
 from or_core.errors import input_error_message
-from or_core.methods import REGULARIZERS, available_methods
+from or_core.methods import METHODS, REGULARIZERS, available_methods
 
 DATASETS = "cifar10, cifar100, or a path to an ImageFolder root with train/ and val/ (or test/)"
 #: ``evaluate``'s flags: the evaluation sizes of the run's config, overridden (clipped to the data).
@@ -34,13 +34,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
-        "--debug", action="store_true", help="show the traceback of an input error (also OR_CORE_DEBUG=1)"
+        "--debug",
+        action="store_true",
+        help="show the traceback of an input error (also OR_CORE_DEBUG=1)",
     )
     parser = _Parser(
         prog="python -m or_core",
-        description="Self-supervised pretraining with orthogonality regularization (He, Du & Ma, NeurIPS 2024).",
+        description=(
+            "Self-supervised pretraining with orthogonality regularization "
+            "(He, Du & Ma, NeurIPS 2024)."
+        ),
         parents=[common],
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -56,23 +61,29 @@ def _parser() -> argparse.ArgumentParser:
             f"profiles: " + "; ".join(f"{k}: {v}" for k, v in PROFILES.items()) + "\n"
             "per-method profile settings: "
             + "; ".join(
-                f"{profile} {method}: {settings}"
-                for profile, methods in PROFILE_METHOD_SETTINGS.items()
-                for method, settings in methods.items()
+                f"{profile} {name}: {settings}"
+                for name, cls in sorted(METHODS.items())
+                for profile, settings in cls.profile_settings.items()
             )
         ),
     )
     p.add_argument("--method", choices=available_methods(), default=None)
     p.add_argument("--regularizer", choices=REGULARIZERS, default=None)
-    p.add_argument("--gamma", type=float, default=None, help="OR weight (default: SO 1e-6, SRIP 1e-3)")
+    p.add_argument(
+        "--gamma", type=float, default=None, help="OR weight (default: SO 1e-6, SRIP 1e-3)"
+    )
     p.add_argument("--dataset", default=None, help=DATASETS)
-    p.add_argument("--data-root", default=None, help="download / cache folder of the named data sets")
+    p.add_argument(
+        "--data-root", default=None, help="download / cache folder of the named data sets"
+    )
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
     p.add_argument("--config", default=None, help="YAML file of config fields (see configs/)")
     p.add_argument("--backbone", default=None, help="resnet18, resnet50, vit_tiny, vit_small")
     p.add_argument("--width", type=float, default=None, help="ResNet width multiplier")
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--subset", type=int, default=None, help="class-balanced subset of the training set")
+    p.add_argument(
+        "--subset", type=int, default=None, help="class-balanced subset of the training set"
+    )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -80,9 +91,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument(
-        "--compile", nargs="?", const=True, default=None, choices=(True, "none", *COMPILE_MODES), metavar="MODE",
-        help="torch.compile the backbone and its EMA copies; MODE: none, " + ", ".join(COMPILE_MODES)
-        + " (bare --compile: default; reduce-overhead replays CUDA graphs; the gpu profile's is reduce-overhead)",
+        "--compile",
+        nargs="?",
+        const=True,
+        default=None,
+        choices=(True, "none", *COMPILE_MODES),
+        metavar="MODE",
+        help="torch.compile the backbone and its EMA copies; MODE: none, "
+        + ", ".join(COMPILE_MODES)
+        + " (bare --compile: default; reduce-overhead replays CUDA graphs; the gpu profile's is"
+        " reduce-overhead)",
     )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -90,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
         "--stop-after-epochs", type=int, default=None,
         help="stop after this many epochs of this call; the same command later resumes",
     )
-    e = sub.add_parser("evaluate", parents=[common], help="kNN and linear probe of a run's last checkpoint")
+    e = sub.add_parser(
+        "evaluate", parents=[common], help="kNN and linear probe of a run's last checkpoint"
+    )
     e.add_argument("out", help="run directory")
     for flag, help_ in EVALUATION_FLAGS.items():
         e.add_argument(flag, type=float if flag == "--knn-t" else int, default=None, help=help_)
@@ -100,30 +120,52 @@ def _parser() -> argparse.ArgumentParser:
         help="run an experiment matrix (configs/matrix_*.yaml); runs already recorded are skipped",
     )
     m.add_argument("matrix", help="matrix YAML file, e.g. configs/matrix_cpu.yaml")
-    m.add_argument("--work", default=None, help="run directories (default ~/.cache/or_core/matrix/<name>)")
+    m.add_argument(
+        "--work", default=None, help="run directories (default ~/.cache/or_core/matrix/<name>)"
+    )
     m.add_argument("--results", default=None, help="records folder (default: the file's `results`)")
-    m.add_argument("--jobs", type=int, default=1, help="runs side by side, cores shared between them")
+    m.add_argument(
+        "--jobs", type=int, default=1, help="runs side by side, cores shared between them"
+    )
     m.add_argument("--groups", nargs="+", default=None, help="only runs of these groups")
     m.add_argument("--only", nargs="+", default=None, help="only runs with these names")
     m.add_argument("--dry-run", action="store_true", help="list the pending runs and stop")
-    m.add_argument("--rerun", action="store_true", help="train recorded runs again, overwriting their records")
+    m.add_argument(
+        "--rerun", action="store_true", help="train recorded runs again, overwriting their records"
+    )
     c = sub.add_parser(
         "campaign",
         parents=[common],
-        help="train the next runs of a campaign (configs/campaign_gpu.yaml) that fit a time budget, one bundle each",
+        help=(
+            "train the next runs of a campaign (configs/campaign_gpu.yaml) that fit a time "
+            "budget, one bundle each"
+        ),
     )
     c.add_argument("campaign", help="campaign YAML file, e.g. configs/campaign_gpu.yaml")
     c.add_argument(
         "--budget-s", type=float, required=True,
         help="seconds this call may take: a run starts only if its expected time fits what is left",
     )
-    c.add_argument("--out", required=True, help="folder of the bundles, one <run>.json per finished run")
-    c.add_argument("--results", default=None, help="records folder whose runs are skipped (default: the file's `results`)")
+    c.add_argument(
+        "--out", required=True, help="folder of the bundles, one <run>.json per finished run"
+    )
+    c.add_argument(
+        "--results",
+        default=None,
+        help="records folder whose runs are skipped (default: the file's `results`)",
+    )
     c.add_argument(
         "--rates", default=None,
-        help="measured images/s: a rates JSON, a benchmarks/train_throughput.py JSON or a folder of records",
+        help=(
+            "measured images/s: a rates JSON, a benchmarks/train_throughput.py JSON or a folder "
+            "of records"
+        ),
     )
-    c.add_argument("--dry-run", action="store_true", help="list what the call would run and skip; train nothing")
+    c.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list what the call would run and skip; train nothing",
+    )
     return parser
 
 
@@ -146,8 +188,9 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     if args.command == "evaluate":
         from or_core.train import evaluate_dir
 
-        sizes = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in EVALUATION_FLAGS}
-        print(json.dumps(evaluate_dir(args.out, {k: v for k, v in sizes.items() if v is not None}), indent=2))
+        names = [flag[2:].replace("-", "_") for flag in EVALUATION_FLAGS]
+        sizes = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+        print(json.dumps(evaluate_dir(args.out, sizes), indent=2))
         return 0
     if args.command == "matrix":
         from or_core.experiments import run_matrix
@@ -161,14 +204,19 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     if args.command == "campaign":
         from or_core.campaign import run_campaign
 
-        run_campaign(args.campaign, args.budget_s, args.out, results=args.results, rates=args.rates, dry_run=args.dry_run)
+        run_campaign(
+            args.campaign, args.budget_s, args.out, results=args.results, rates=args.rates,
+            dry_run=args.dry_run,
+        )
         return 0
     fields = {f for f in PretrainConfig.__dataclass_fields__}
     overrides = {k: v for k, v in vars(args).items() if k in fields}
     cfg = resolve_config(args.profile, args.config, overrides)
     from or_core.train import pretrain
 
-    summary = pretrain(cfg, args.out, progress=not args.no_progress, stop_after_epochs=args.stop_after_epochs)
+    summary = pretrain(
+        cfg, args.out, show_progress=not args.no_progress, stop_after_epochs=args.stop_after_epochs
+    )
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -51,10 +51,11 @@ other jobs shared; batch 256, 32 px, one thread, medians of A/B runs in one proc
 
 Throughput (``benchmarks/augment.py``, BYOL views at 32 px, batch 256, load average ~2):
 ~10000 two-view images/s on the 2-core CPU (2 threads; ~9100 with 1) vs ~860 for lightly's
-``BYOLTransform`` in a ``DataLoader`` with 2 workers, 11.6x. Intra-op threads: the tensors here are small (~0.8 M
-elements), so when the CPU is busy with other work 2 OpenMP threads spin-wait on each
-other; with a load average of ~3 we measured 2300 images/s with 2 threads vs 10000 with
-``torch.set_num_threads(1)`` (7500 with 2 threads and ``OMP_WAIT_POLICY=PASSIVE``).
+``BYOLTransform`` in a ``DataLoader`` with 2 workers, 11.6x. Intra-op threads: the tensors
+here are small (~0.8 M elements), so when the CPU is busy with other work 2 OpenMP threads
+spin-wait on each other; with a load average of ~3 we measured 2300 images/s with 2 threads
+vs 10000 with ``torch.set_num_threads(1)`` (7500 with 2 threads and
+``OMP_WAIT_POLICY=PASSIVE``).
 
 Deliberate differences to lightly's PIL pipeline (all documented where they occur):
 the Gaussian blur is a true Gaussian with a fixed kernel size (PIL approximates it with box
@@ -65,8 +66,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +77,6 @@ __all__ = [
     "CIFAR10_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "METHODS",
     "MultiViewAugment",
     "ViewConfig",
     "ViewParams",
@@ -106,19 +106,6 @@ CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 
 # ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale (PIL uses the same, rounded).
 _GRAY_WEIGHTS: tuple[float, float, float] = (0.2989, 0.587, 0.114)
-
-METHODS: tuple[str, ...] = (
-    "barlowtwins",
-    "byol",
-    "dino",
-    "moco",
-    "nnclr",
-    "simclr",
-    "simsiam",
-    "swav",
-    "vicreg",
-)
-_ALIASES: dict[str, str] = {"mocov2": "moco", "barlow": "barlowtwins"}
 
 # Colour-jitter op ids, in torchvision's ColorJitter order.
 _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0, 1, 2, 3
@@ -346,7 +333,8 @@ def sample_view_params(
 
 
 def slice_view_params(params: ViewParams, start: int, stop: int) -> ViewParams:
-    """The parameters of images ``start`` to ``stop - 1`` of a batch's ``params`` (views, no copy)."""
+    """The parameters of images ``start`` to ``stop - 1`` of a batch's ``params`` (views, no
+    copy)."""
     return ViewParams(*(field[start:stop] for field in params))
 
 
@@ -933,7 +921,8 @@ def _batch_rows(n: int, rows: tuple[int, int] | None, total: int | None) -> tupl
     total = n if total is None else int(total)
     if stop - start != n or not 0 <= start <= stop <= total:
         raise ValueError(
-            f"rows {(start, stop)} of a batch of {total} images do not describe the {n} images given"
+            f"rows {(start, stop)} of a batch of {total} images do not describe the {n} images "
+            "given"
         )
     return start, stop, total
 
@@ -963,9 +952,9 @@ class MultiViewAugment(nn.Module):
         self._workspace = Workspace(cache=True)
 
     @classmethod
-    def from_method(cls, method: str, image_size: int, **kwargs: object) -> MultiViewAugment:
+    def from_method(cls, method: str, image_size: int, **kwargs: Any) -> MultiViewAugment:
         """Shortcut for ``MultiViewAugment(method_views(method, image_size, **kwargs))``."""
-        return cls(method_views(method, image_size, **kwargs))  # type: ignore[arg-type]
+        return cls(method_views(method, image_size, **kwargs))
 
     def _workspace_for(self, device: torch.device) -> Workspace:
         cache = device.type == "cpu" if self.cache_scratch is None else self.cache_scratch
@@ -1015,16 +1004,8 @@ class MultiViewAugment(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Per-method defaults (lightly.transforms, lightly 1.6)
+# The views of a method
 # --------------------------------------------------------------------------------------
-
-
-def _local_size(image_size: int, global_ref: int = 224, local_ref: int = 96) -> int:
-    """Small multi-crop size scaled like lightly's 96 px for 224 px (to a multiple of 8).
-
-    224 -> 96, 128 -> 56, 96 -> 40, 64 -> 24, 32 -> 16 (at least 8 px).
-    """
-    return max(8, 8 * round(image_size * local_ref / global_ref / 8))
 
 
 def method_views(
@@ -1035,82 +1016,17 @@ def method_views(
     std: Sequence[float] | None = None,
     n_local_views: int = 6,
 ) -> list[ViewConfig]:
-    """The views of lightly's transform for ``method`` at ``image_size``.
+    """The views method ``method`` trains on at ``image_size``: its
+    :meth:`~or_core.methods.base.SSLMethod.views`, lightly 1.6's transform for the method.
 
-    Defaults equal lightly 1.6's transform defaults (``cj_strength`` folded into the jitter
-    strengths); every view flips with prob 0.5 and crops with ratio (3/4, 4/3):
-
-    * ``byol``, ``barlowtwins`` (lightly uses BYOL's transform for Barlow Twins): two
-      asymmetric views, cj 0.4/0.4/0.2/0.1 p 0.8, gray 0.2, scale (0.08, 1); view 1 blur 1.0,
-      solarize 0; view 2 blur 0.1, solarize 0.2.
-    * ``simclr``, ``nnclr`` (SimCLR's): cj 0.8/0.8/0.8/0.2 p 0.8, gray 0.2, blur 0.5,
-      scale (0.08, 1).
-    * ``moco`` (MoCoV2Transform): cj 0.4/0.4/0.4/0.1, scale (0.2, 1), blur 0.5.
-    * ``simsiam``: cj 0.4/0.4/0.4/0.1, scale (0.2, 1), blur 0.5.
-    * ``vicreg``: cj 0.4/0.4/0.2/0.1, scale (0.08, 1), solarize 0.1 (before blur, as
-      lightly), blur 0.5.
-    * ``dino``: 2 global crops at ``image_size`` with scale (0.4, 1) (blur 1.0 / 0.1,
-      solarize 0 / 0.2) + ``n_local_views`` local crops, scale (0.05, 0.4), blur 0.5, at
-      ``_local_size(image_size)`` (96 px for 224, scaled proportionally and rounded to a
-      multiple of 8: 16 px for 32 px CIFAR); cj 0.4/0.4/0.2/0.1; bicubic like lightly.
-    * ``swav``: 2 crops at ``image_size``, scale (0.14, 1) + ``n_local_views`` crops at the
-      local size, scale (0.05, 0.14); cj 0.8/0.8/0.8/0.2, blur 0.5.
-
-    Small images (``image_size <= 64``, CIFAR-like): as in lightly's CIFAR-10 benchmarks the
-    Gaussian blur is disabled (prob 0 in every view) and, by default, the CIFAR-10
-    mean/std normalize (lightly's own CIFAR script keeps ImageNet statistics, a fixed affine
-    map that batch norm absorbs; pass ``mean``/``std`` to choose). Larger images default to
-    ImageNet statistics. lightly's CIFAR script also drops DINO's local crops; here
-    ``n_local_views`` (default 6) decides.
+    ``method`` is a registered method name or alias, compared loosely (``"moco"``,
+    ``"MoCo-v2"`` and ``"mocov2"`` are MoCo v2). Small images (``image_size <= 64``) get no
+    Gaussian blur and, unless ``mean``/``std`` are given, the CIFAR-10 statistics; multi-crop
+    methods (DINO, SwaV) add ``n_local_views`` local crops.
 
     Raises:
         ValueError: unknown method (the message lists the valid ones).
     """
-    key = method.lower().replace("-", "").replace("_", "").replace(" ", "")
-    key = _ALIASES.get(key, key)
-    if key not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    small = image_size <= 64
-    if mean is None:
-        mean = CIFAR10_MEAN if small else IMAGENET_MEAN
-    if std is None:
-        std = CIFAR10_STD if small else IMAGENET_STD
-    base = ViewConfig(size=image_size, mean=tuple(mean), std=tuple(std))  # type: ignore[arg-type]
+    from or_core.methods import find_method  # the methods build on this module
 
-    simclr_cj = dict(cj_bright=0.8, cj_contrast=0.8, cj_sat=0.8, cj_hue=0.2)
-    moco_cj = dict(cj_bright=0.4, cj_contrast=0.4, cj_sat=0.4, cj_hue=0.1)
-    # lightly's cj_strength=0.5 times its (0.8, 0.8, 0.4, 0.2) defaults:
-    half_cj = dict(cj_bright=0.4, cj_contrast=0.4, cj_sat=0.2, cj_hue=0.1)
-    local = _local_size(image_size)
-
-    if key in ("byol", "barlowtwins"):
-        views = [
-            replace(base, **half_cj, blur_prob=1.0, solarize_prob=0.0),
-            replace(base, **half_cj, blur_prob=0.1, solarize_prob=0.2),
-        ]
-    elif key in ("simclr", "nnclr"):
-        views = [replace(base, **simclr_cj, blur_prob=0.5)] * 2
-    elif key in ("moco", "simsiam"):
-        views = [replace(base, **moco_cj, min_scale=0.2, blur_prob=0.5)] * 2
-    elif key == "vicreg":
-        views = [
-            replace(base, **half_cj, solarize_prob=0.1, solarize_before_blur=True, blur_prob=0.5)
-        ] * 2
-    elif key == "dino":
-        glob = replace(base, **half_cj, min_scale=0.4, interpolation="bicubic")
-        views = [
-            replace(glob, blur_prob=1.0, solarize_prob=0.0),
-            replace(glob, blur_prob=0.1, solarize_prob=0.2),
-        ] + [
-            replace(glob, size=local, min_scale=0.05, max_scale=0.4, blur_prob=0.5)
-        ] * n_local_views
-    else:  # swav
-        glob = replace(base, **simclr_cj, min_scale=0.14, blur_prob=0.5)
-        views = [glob] * 2 + [
-            replace(glob, size=local, min_scale=0.05, max_scale=0.14)
-        ] * n_local_views
-    if small:
-        views = [replace(v, blur_prob=0.0) for v in views]
-    return views
+    return find_method(method).views(image_size, mean=mean, std=std, n_local_views=n_local_views)

@@ -680,7 +680,7 @@ def _train_one(
     start = time.perf_counter()
     try:
         with _deadline(seconds_left, run.name):
-            summary = pretrain(run.cfg, work, progress=False)
+            summary = pretrain(run.cfg, work, show_progress=False)
             record = _bundle(campaign, run, work, summary, start, command)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -30,7 +30,15 @@ import yaml
 
 from or_core.errors import ConfigError, MissingPathError
 
-__all__ = ["PretrainConfig", "PROFILES", "PROFILE_METHOD_SETTINGS", "check_field", "fit_to_data", "resolve_config", "load_yaml"]
+__all__ = [
+    "PretrainConfig",
+    "PROFILES",
+    "check_field",
+    "fit_to_data",
+    "load_yaml",
+    "method_profile_settings",
+    "resolve_config",
+]
 
 
 @dataclass
@@ -93,7 +101,9 @@ class PretrainConfig:
         """The config of a mapping (a run's ``config.yaml``, a checkpoint's ``config``);
         unknown keys are a :class:`~or_core.errors.ConfigError` naming them and ``where``."""
         if not isinstance(values, dict):
-            raise ConfigError(f"{where}: expected a mapping of config fields, got {type(values).__name__}")
+            raise ConfigError(
+                f"{where}: expected a mapping of config fields, got {type(values).__name__}"
+            )
         _check_keys(values, where)
         return cls(**values)
 
@@ -152,58 +162,10 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-#: Settings of a profile for one method, applied over the profile (and under a YAML file and
-#: explicit overrides).
-#:
-#: cpu: DINO and SwaV with their published (solo-learn) settings never left the loss of uniform
-#: predictions (ln K) in the profile's 800 steps and ended at the untrained encoder's kNN top-1
-#: (0.245 and 0.233 against 0.229; results/methods_cpu/ at 785e37d). Per-step diagnostics showed
-#: why: at width 0.125 the random encoder's projections of different images are nearly parallel,
-#: so the teacher's targets (DINO) and the Sinkhorn codes (SwaV) are near uniform and a constant
-#: output is the cheapest fit (SwaV's projections reached a mean pairwise cosine of 0.99 within
-#: 200 steps). What learns instead, one seed each, measured 2026-11-26 (kNN / linear top-1):
-#:
-#: * DINO: lightly's CIFAR-10 benchmark head (512 hidden, 64 bottleneck, 2048 prototypes, batch
-#:   norm), teacher momentum 0.99, teacher temperature 0.04, no local crops: 0.344 / 0.368 at the
-#:   profile's lr 0.15 and 0.367 / 0.361 at lr 0.05 (kept).
-#: * SwaV: lightly's head (512 -> 128, 512 prototypes), sharper codes (Sinkhorn epsilon 0.02), the
-#:   prototypes frozen for the first 20% of training, no local crops, no queue: 0.354 / 0.387 at
-#:   lr 0.15 (kept) and 0.292 / 0.335 at lr 0.05.
-#:
-#: Without local crops both also train about twice as fast on two cores.
-PROFILE_METHOD_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
-    "cpu": {
-        "dino": {
-            "lr": 0.05,
-            "method_kwargs": {
-                "proj_hidden_dim": 512,
-                "proj_output_dim": 64,
-                "num_prototypes": 2048,
-                "batch_norm": True,
-                "base_momentum": 0.99,
-                "warmup_teacher_temp": 0.04,
-                "teacher_temp": 0.04,
-                "num_local_views": 0,
-            },
-        },
-        "swav": {
-            "method_kwargs": {
-                "proj_hidden_dim": 512,
-                "proj_output_dim": 128,
-                "num_prototypes": 512,
-                "sinkhorn_epsilon": 0.02,
-                "freeze_prototypes_progress": 0.2,
-                "queue_length": 0,
-                "num_local_views": 0,
-            },
-        },
-    },
-}
-
-
 def _default_data_root() -> str:
-    """``$OR_CORE_CACHE/datasets`` when that variable is set (as :func:`or_core.data.default_data_root`
-    reads it), else ``~/.cache/or_core/datasets``, written unexpanded."""
+    """``$OR_CORE_CACHE/datasets`` when that variable is set (as
+    :func:`or_core.data.default_data_root` reads it), else ``~/.cache/or_core/datasets``, written
+    unexpanded."""
     cache = os.environ.get("OR_CORE_CACHE")
     return str(Path(cache).expanduser() / "datasets") if cache else "~/.cache/or_core/datasets"
 
@@ -229,9 +191,13 @@ def read_yaml_file(path: Path, missing_hint: str) -> Any:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML file; unknown keys are an error naming the valid ones."""
     path = Path(path)
-    data = read_yaml_file(path, f"config file not found: {path}; check the path given to --config") or {}
+    missing = f"config file not found: {path}; check the path given to --config"
+    data = read_yaml_file(path, missing) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config fields (field: value), got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of config fields (field: value), got "
+            f"{type(data).__name__}"
+        )
     _check_keys(data, str(path))
     for key, value in data.items():
         check_field(key, value, str(path))
@@ -242,7 +208,9 @@ def _check_keys(values: dict[str, Any], where: str) -> None:
     valid = {f.name for f in dataclasses.fields(PretrainConfig)}
     unknown = sorted(set(values) - valid)
     if unknown:
-        raise ConfigError(f"{where}: unknown config field(s) {unknown}; valid fields: {sorted(valid)}")
+        raise ConfigError(
+            f"{where}: unknown config field(s) {unknown}; valid fields: {sorted(valid)}"
+        )
 
 
 def resolve_config(
@@ -250,8 +218,9 @@ def resolve_config(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> PretrainConfig:
-    """Defaults, then ``profile`` (with its :data:`PROFILE_METHOD_SETTINGS` for the run's method),
-    then ``config_file``, then ``overrides`` (``None`` values skipped).
+    """Defaults, then ``profile`` (with the run's method's settings for it,
+    :func:`method_profile_settings`), then ``config_file``, then ``overrides`` (``None`` values
+    skipped).
 
     ``method_kwargs`` and ``augment_overrides`` (fields of
     :class:`or_core.augment.ViewConfig` for the full-size views) are merged key by key.
@@ -267,9 +236,27 @@ def resolve_config(
             raise ConfigError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
         values = _merge(values, {**PROFILES[profile], "profile": profile})
         method = clean.get("method", from_file.get("method", PretrainConfig.method))
-        values = _merge(values, PROFILE_METHOD_SETTINGS.get(profile, {}).get(method, {}))
+        values = _merge(values, method_profile_settings(method, profile))
     values = _merge(_merge(values, from_file), clean)
     return PretrainConfig(**values)
+
+
+def method_profile_settings(method: str, profile: str) -> dict[str, Any]:
+    """The config fields that method ``method`` sets for ``profile`` (its ``profile_settings``;
+    none for an unknown method, which the config then names as such).
+
+    Raises:
+        ConfigError: a field that is no config field or a value of the wrong type.
+    """
+    from or_core.methods import METHODS
+
+    cls = METHODS.get(method) if isinstance(method, str) else None
+    settings = cls.profile_settings.get(profile, {}) if cls is not None else {}
+    where = f"{cls.__name__}.profile_settings[{profile!r}]" if cls is not None else ""
+    _check_keys(settings, where)
+    for key, value in settings.items():
+        check_field(key, value, where)
+    return settings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +297,8 @@ def fit_to_data(cfg: PretrainConfig, notify: bool = True) -> PretrainConfig:
         fitted["eval_train_subset"] = min(cfg.eval_train_subset, n_train)
     if cfg.eval_test_subset is not None:
         fitted["eval_test_subset"] = min(cfg.eval_test_subset, n_test)
-    banks = [fitted.get("eval_train_subset") or n_train, *([subset] if subset is not None and val else [])]
+    pretraining_bank = [subset] if subset is not None and val else []
+    banks = [fitted.get("eval_train_subset") or n_train, *pretraining_bank]
     fitted["knn_k"] = min(cfg.knn_k, *banks)
     changed = {k: (getattr(cfg, k), v) for k, v in fitted.items() if getattr(cfg, k) != v}
     if not changed:
@@ -361,7 +349,8 @@ _OPTIMIZERS = ("lars", "sgd", "adamw")
 
 
 def _number(key: str, value: Any, where: str, kind: str) -> float:
-    """``value`` as a number: YAML 1.1 reads ``5e-4`` as the string "5e-4"; booleans are no numbers."""
+    """``value`` as a number: YAML 1.1 reads ``5e-4`` as the string "5e-4"; booleans are no
+    numbers."""
     if isinstance(value, str):
         try:
             return float(value)
@@ -370,7 +359,9 @@ def _number(key: str, value: Any, where: str, kind: str) -> float:
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
     example = "5" if kind.startswith("an integer") else "1e-4"
-    raise ConfigError(f"{where}: field {key!r} must be {kind}, got {value!r}; write a number such as {example}")
+    raise ConfigError(
+        f"{where}: field {key!r} must be {kind}, got {value!r}; write a number such as {example}"
+    )
 
 
 def check_field(key: str, value: Any, where: str = "config") -> Any:
@@ -400,7 +391,9 @@ def check_field(key: str, value: Any, where: str = "config") -> Any:
         return number
     if key in _BOOLEANS:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: field {key!r} must be true or false (unquoted), got {value!r}")
+            raise ConfigError(
+                f"{where}: field {key!r} must be true or false (unquoted), got {value!r}"
+            )
         return value
     if key in _STRINGS:
         if not isinstance(value, str) or not value:
@@ -408,18 +401,24 @@ def check_field(key: str, value: Any, where: str = "config") -> Any:
         return value
     if key in _MAPPINGS:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{where}: field {key!r} must be a mapping of names to values, got {value!r}")
+            raise ConfigError(
+                f"{where}: field {key!r} must be a mapping of names to values, got {value!r}"
+            )
         return dict(value)
     if key == "optimizer":
         if value is not None and value not in _OPTIMIZERS:
-            raise ConfigError(f"{where}: field 'optimizer' must be one of {', '.join(_OPTIMIZERS)}, got {value!r}")
+            raise ConfigError(
+                f"{where}: field 'optimizer' must be one of {', '.join(_OPTIMIZERS)}, got "
+                f"{value!r}"
+            )
         return value
     if key == "compile":
         from or_core.compiling import COMPILE_MODES
 
         if not isinstance(value, bool) and value not in ("none", *COMPILE_MODES):
             raise ConfigError(
-                f"{where}: field 'compile' must be true, false or one of none, {', '.join(COMPILE_MODES)}, got {value!r}"
+                f"{where}: field 'compile' must be true, false or one of none, "
+                f"{', '.join(COMPILE_MODES)}, got {value!r}"
             )
         return value
     return value
@@ -431,11 +430,18 @@ def _check_together(cfg: PretrainConfig) -> None:
     from or_core.methods import REGULARIZERS, available_methods
 
     if cfg.method not in available_methods():
-        raise ConfigError(f"unknown method {cfg.method!r}; valid methods: {', '.join(available_methods())}")
+        raise ConfigError(
+            f"unknown method {cfg.method!r}; valid methods: {', '.join(available_methods())}"
+        )
     if cfg.regularizer not in REGULARIZERS:
-        raise ConfigError(f"unknown regularizer {cfg.regularizer!r}; valid regularizers: {', '.join(REGULARIZERS)}")
+        raise ConfigError(
+            f"unknown regularizer {cfg.regularizer!r}; valid regularizers: "
+            f"{', '.join(REGULARIZERS)}"
+        )
     if cfg.backbone not in BACKBONE_NAMES:
-        raise ConfigError(f"unknown backbone {cfg.backbone!r}; valid backbones: {', '.join(BACKBONE_NAMES)}")
+        raise ConfigError(
+            f"unknown backbone {cfg.backbone!r}; valid backbones: {', '.join(BACKBONE_NAMES)}"
+        )
     if cfg.regularizer == "none" and cfg.gamma is not None:
         raise ConfigError(
             f"gamma {cfg.gamma:g} is set but the regularizer is none: choose a regularizer "

@@ -675,7 +675,9 @@ def _transfer(run, datasets: Sequence[str]) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_experiment(matrix: Matrix, experiment: Experiment, work_dir: str | Path, progress: bool = False) -> dict[str, Any]:
+def run_experiment(
+    matrix: Matrix, experiment: Experiment, work_dir: str | Path, show_progress: bool = False
+) -> dict[str, Any]:
     """Train (or resume) one run in ``work_dir/<name>``, then write and return its record."""
     if experiment.needs_chosen_gamma:
         raise ValueError(f"{experiment.name}: choose its gamma first (Experiment.with_gamma)")
@@ -683,7 +685,7 @@ def run_experiment(matrix: Matrix, experiment: Experiment, work_dir: str | Path,
     cfg = fit_to_data(resolve_config(matrix.profile, overrides={**overrides, "profile": matrix.profile}))
     out = Path(work_dir) / experiment.name
     start = time.perf_counter()
-    summary = pretrain(cfg, out, progress=progress)
+    summary = pretrain(cfg, out, show_progress=show_progress)
     run = build_run(cfg)
     state = load_checkpoint(out / CHECKPOINT_FILE)
     run.method.load_state_dict(state["method"])

@@ -42,8 +42,8 @@ This file holds two layers:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -236,7 +236,8 @@ def srip_penalty(
     return torch.linalg.vector_norm(gram @ v)
 
 
-_FUNCTIONAL: dict[str, object] = {
+#: Each penalty of one weight, by kind (``per_layer``).
+_FUNCTIONAL: dict[str, Callable[[Tensor], Tensor]] = {
     "so": so_penalty,
     "srip": srip_penalty,
     "dso": dso_penalty,
@@ -322,7 +323,7 @@ class _SoftOrthogonality(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, *mats: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, *mats: Tensor) -> Tensor:
         grams = []
         for m in mats:
             g = m @ m.t()
@@ -332,7 +333,8 @@ class _SoftOrthogonality(torch.autograd.Function):
         return torch.stack(torch._foreach_norm(grams)).square().sum()
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor, ...]:
+        (grad_output,) = grad_outputs  # one scalar output
         saved = ctx.saved_tensors
         mats, grams = saved[: len(saved) // 2], saved[len(saved) // 2 :]
         products = [g @ m for m, g in zip(mats, grams)]
@@ -350,7 +352,7 @@ class _OffDiagonalSoftOrthogonality(_SoftOrthogonality):
     """
 
     @staticmethod
-    def forward(ctx, *mats: Tensor) -> Tensor:
+    def forward(ctx: Any, *mats: Tensor) -> Tensor:
         grams = []
         for m in mats:
             g = m @ m.t()
@@ -372,7 +374,7 @@ class _DiagonalSoftOrthogonality(_SoftOrthogonality):
     """
 
     @staticmethod
-    def forward(ctx, *mats: Tensor) -> Tensor:
+    def forward(ctx: Any, *mats: Tensor) -> Tensor:
         norms = [torch.linalg.vector_norm(m, dim=1) for m in mats]
         diagonals = torch._foreach_mul(norms, norms)
         torch._foreach_sub_(diagonals, 1.0)
@@ -380,7 +382,8 @@ class _DiagonalSoftOrthogonality(_SoftOrthogonality):
         return torch.stack(torch._foreach_norm(diagonals)).square().sum()
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):
+    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor, ...]:
+        (grad_output,) = grad_outputs  # one scalar output
         saved = ctx.saved_tensors
         mats, diagonals = saved[: len(saved) // 2], saved[len(saved) // 2 :]
         products = [d.unsqueeze(1) * m for m, d in zip(mats, diagonals)]
@@ -399,7 +402,7 @@ class _SpectralRestrictedIsometry(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, n: int, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, n: int, *tensors: Tensor) -> Tensor:
         mats, vectors = tensors[:n], tensors[n:]
         ws = [torch.mv(m.t(), v) for m, v in zip(mats, vectors)]
         gvs = [torch.addmv(v, m, w, beta=-1) for m, v, w in zip(mats, vectors, ws)]
@@ -410,7 +413,8 @@ class _SpectralRestrictedIsometry(torch.autograd.Function):
         return torch.stack(norms).sum()
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
+        (grad_output,) = grad_outputs  # one scalar output
         n, saved = ctx.n, ctx.saved_tensors
         mats, vectors, ws, us = (saved[i * n : (i + 1) * n] for i in range(4))
         grads = [
@@ -505,7 +509,8 @@ class OrthogonalityRegularizer(nn.Module):
             if self.kind == "srip":
                 return self._srip(mats)
             if self.kind == "mc":
-                return sum(_mutual_coherence(m) for m in mats)
+                coherences = [_mutual_coherence(m) for m in mats]
+                return torch.stack(coherences).sum()
             if self.kind == "so_diag":
                 return _DiagonalSoftOrthogonality.apply(*mats)
             if self.kind == "so_offdiag":
@@ -520,7 +525,8 @@ class OrthogonalityRegularizer(nn.Module):
         return self.gamma * self.penalty()
 
     def per_layer(self) -> dict[str, Tensor]:
-        """Each layer's penalty (without ``gamma``), by weight name; SRIP vectors are not updated."""
+        """Each layer's penalty (without ``gamma``), by weight name; SRIP vectors are not
+        updated."""
         fn = _FUNCTIONAL[self.kind]
         out = {}
         for name, w in zip(self.names, self._weights):
@@ -528,7 +534,7 @@ class OrthogonalityRegularizer(nn.Module):
                 v = getattr(self, self._vector_name(name))
                 out[name] = srip_penalty(w, n_power_iterations=0, vector=v)
             else:
-                out[name] = fn(w)  # type: ignore[operator]
+                out[name] = fn(w)
         return out
 
     def _srip(self, mats: list[Tensor]) -> Tensor:
@@ -547,7 +553,9 @@ class OrthogonalityRegularizer(nn.Module):
         vectors = [getattr(self, self._vector_name(name)) for name in self.names]
         aligned = all((b.device, b.dtype) == (m.device, m.dtype) for b, m in zip(vectors, mats))
         with torch.no_grad():
-            v = vectors if aligned else [b.to(m.device, m.dtype) for b, m in zip(vectors, mats)]
+            v: list[Tensor] | tuple[Tensor, ...] = (
+                vectors if aligned else [b.to(m.device, m.dtype) for b, m in zip(vectors, mats)]
+            )
             for _ in range(self.n_power_iterations):
                 gv = [_gram_minus_identity_times(m, x) for m, x in zip(mats, v)]
                 norms = torch._foreach_norm(gv)

@@ -58,7 +58,7 @@ from or_core.records import load_records
 
 __all__ = [
     "METRICS",
-    "REGULARIZERS",
+    "COMPARED_REGULARIZERS",
     "SUPPORTED",
     "NO_EFFECT",
     "CONTRADICTED",
@@ -108,8 +108,9 @@ __all__ = [
 
 #: The accuracy numbers of a record's summary: kNN and linear probe, top-1 and top-5.
 METRICS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5")
-#: The regularizers compared, the baseline first.
-REGULARIZERS = ("none", "so", "srip")
+#: The regularizers the report compares, the baseline first (a subset of
+#: :data:`or_core.methods.REGULARIZERS`, every value of the ``regularizer`` switch).
+COMPARED_REGULARIZERS = ("none", "so", "srip")
 #: Verdicts of a comparison in :func:`claims` (:mod:`or_core.stats`); "no data yet": no pair of runs.
 SUPPORTED, NO_EFFECT, CONTRADICTED, TOO_FEW = stats.SUPPORTED, stats.NO_EFFECT, stats.CONTRADICTED, stats.TOO_FEW
 NO_DATA = "no data yet"
@@ -301,7 +302,7 @@ def accuracy_table(
     paper). Runs from :func:`select_runs`; a run not recorded is ``NaN``."""
     runs = select_runs(frame, seed)
     columns = pd.MultiIndex.from_tuples(
-        [(m, c) for m in metrics for c in (*REGULARIZERS, "SO - none", "SRIP - none")]
+        [(m, c) for m in metrics for c in (*COMPARED_REGULARIZERS, "SO - none", "SRIP - none")]
         + [("gamma", "so"), ("gamma", "srip")]
     )
     if runs.empty:
@@ -311,7 +312,7 @@ def accuracy_table(
     table = pd.DataFrame(index=pd.MultiIndex.from_frame(runs[keys].drop_duplicates()), columns=columns, dtype=float)
     for metric in [*metrics, "gamma"]:
         wide = runs.pivot_table(index=keys, columns="regularizer", values=metric, aggfunc="first")
-        for reg in REGULARIZERS:
+        for reg in COMPARED_REGULARIZERS:
             if (metric, reg) in table.columns and reg in wide:
                 table[(metric, reg)] = wide[reg]
         if metric != "gamma":

@@ -141,7 +141,7 @@ def run_sweep(
         for name, cfg in configs.items():
             start = time.perf_counter()
             folder = root / folders[name]
-            summary = pretrain(cfg, folder, progress=False)
+            summary = pretrain(cfg, folder, show_progress=False)
             history = read_metrics(folder)
             run = _with_weights(cfg, folder) if keep_runs else None
             seconds = time.perf_counter() - start

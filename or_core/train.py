@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from or_core import distributed
-from or_core.augment import MultiViewAugment, method_views
+from or_core.augment import MultiViewAugment
 from or_core.backbones import build_backbone
 from or_core.checkpoint import load_checkpoint, save_atomic, write_text_atomic
 from or_core.compiling import compile_encoders, compile_mode
@@ -246,7 +246,7 @@ def build_run(cfg: PretrainConfig) -> Run:
     if device.type == "cuda":  # fixed shapes: let cuDNN pick its fastest convolution once per shape
         torch.backends.cudnn.benchmark = True
     module = distributed.wrap_method(method, device)
-    views = method_views(method.augmentation, image_size, n_local_views=method.num_local_views)
+    views = method.views(image_size, n_local_views=method.num_local_views)
     if cfg.augment_overrides:  # e.g. {"min_scale": 0.2}, on the global (full-size) views only
         unknown = sorted(set(cfg.augment_overrides) - {f.name for f in dataclasses.fields(views[0])})
         if unknown:
@@ -257,7 +257,8 @@ def build_run(cfg: PretrainConfig) -> Run:
     optimizer = build_optimizer(method, cfg)
     steps_per_epoch = train_size // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
-    warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs is not None else method.default_optimizer.warmup_epochs
+    recipe = method.optimizer_defaults(cfg.backbone, cfg.image_size)  # as build_optimizer's
+    warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs is not None else recipe.warmup_epochs
     warmup_steps = min(warmup_epochs, cfg.epochs // 2) * steps_per_epoch
     scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=warmup_steps, max_epochs=total_steps)
     if mode is not None:
@@ -531,7 +532,9 @@ def train_epoch(run: Run, epoch: int, step: int, augment_rng: torch.Generator, b
     return means, step
 
 
-def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, stop_after_epochs: int | None = None) -> dict[str, Any]:
+def pretrain(
+    cfg: PretrainConfig, out: str | Path, show_progress: bool = True, stop_after_epochs: int | None = None
+) -> dict[str, Any]:
     """Pretrain (or resume) the run of ``cfg`` in ``out``; returns the summary.
 
     Args:
@@ -539,7 +542,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, stop_a
         out: run directory: ``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``,
             ``summary.json``. If it holds a checkpoint of the same configuration, training
             resumes from it; a finished run is returned as is.
-        progress: show a tqdm progress bar.
+        show_progress: show a tqdm progress bar.
         stop_after_epochs: return after this many epochs of this call (the run stays
             resumable; no summary is written unless training is complete).
 
@@ -551,13 +554,15 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True, stop_a
     owns_process_group = distributed.init_process_group(select_device(cfg.device))
     try:
         cfg = fit_to_data(cfg, notify=distributed.is_main_process())
-        return _pretrain(cfg, Path(out), progress, stop_after_epochs)
+        return _pretrain(cfg, Path(out), show_progress, stop_after_epochs)
     finally:
         if owns_process_group:
             distributed.destroy_process_group()
 
 
-def _pretrain(cfg: PretrainConfig, out: Path, progress: bool, stop_after_epochs: int | None) -> dict[str, Any]:
+def _pretrain(
+    cfg: PretrainConfig, out: Path, show_progress: bool, stop_after_epochs: int | None
+) -> dict[str, Any]:
     main = distributed.is_main_process()
     if main and out.is_dir():
         _remove_partial_writes(out)
@@ -579,7 +584,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, progress: bool, stop_after_epochs:
             print(f"resuming {out} from {where}", file=sys.stderr, flush=True)
     # the fixed test batch whose statistics metrics.jsonl records every epoch
     probe = load_split_at_most(cfg.dataset, "test", Path(os.path.expanduser(cfg.data_root)), cfg.image_size, 512, cfg.seed).images
-    bar = tqdm(total=cfg.epochs * run.steps_per_epoch, initial=step, disable=not (progress and main), desc=f"{cfg.method}+{cfg.regularizer}")
+    bar = tqdm(total=cfg.epochs * run.steps_per_epoch, initial=step, disable=not (show_progress and main), desc=f"{cfg.method}+{cfg.regularizer}")
     epochs_this_call = 0
     try:
         while epoch < cfg.epochs:

@@ -398,7 +398,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     else:
         control = ("float64", dataclasses.replace(cfg, method_kwargs={**cfg.method_kwargs, "gather_distributed": False}), tmp_path / "broken")
 
-    pretrain(cfg, tmp_path / "one", progress=False)
+    pretrain(cfg, tmp_path / "one", show_progress=False)
     _torchrun(cfg, tmp_path / "two", then=control)
     initial = _initial_state(cfg)
     _assert_same_training(initial, tmp_path / "one", tmp_path / "two")
@@ -464,7 +464,7 @@ def test_two_streaming_processes_match_one_process_with_the_same_global_batch(
     # Decode the probe batch and the resident copy first (workers that draw from the global RNG).
     load_split_at_most(cfg.dataset, "test", cfg.data_root, cfg.image_size, 512, cfg.seed)
     load_split(cfg.dataset, "train", cfg.data_root, cfg.image_size)
-    pretrain(cfg, tmp_path / "one", progress=False)
+    pretrain(cfg, tmp_path / "one", show_progress=False)
     _torchrun(cfg, tmp_path / "two", then=("float64", dataclasses.replace(cfg, stream=False), tmp_path / "two_resident"))
     _assert_same_training(_initial_state(cfg), tmp_path / "one", tmp_path / "two")
     streamed = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["method"]

@@ -24,7 +24,7 @@ def test_cpu_profile_byol_with_so_beats_its_random_initialization(cifar10_dir: P
         "cpu", overrides={"method": "byol", "regularizer": "so", "dataset": "cifar10", "data_root": str(cifar10_dir.parent)}
     )
     untrained = evaluate_run(build_run(cfg), [], 0.0)
-    trained = pretrain(cfg, tmp_path / "byol-so", progress=False)
+    trained = pretrain(cfg, tmp_path / "byol-so", show_progress=False)
     artifacts = Path(os.environ.get("OR_CORE_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts"))
     (artifacts / "learning").mkdir(parents=True, exist_ok=True)
     (artifacts / "learning" / "cpu_profile_byol_so.json").write_text(

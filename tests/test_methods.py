@@ -29,12 +29,10 @@ from or_core.methods import (
 # lightly's DINO head uses the deprecated torch.nn.utils.weight_norm.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
-EXPECTED_METHODS = {
+# The methods this package ships; a method added as a new module is registered beside them.
+BUILT_IN_METHODS = {
     "barlowtwins", "byol", "byol_whitening", "dino", "mocov2",
     "nnclr", "simclr", "simsiam", "swav", "vicreg",
-}
-AUGMENTATIONS = {
-    "byol", "simclr", "mocov2", "simsiam", "barlowtwins", "vicreg", "nnclr", "dino", "swav",
 }
 EMA_METHODS = ["byol", "byol_whitening", "dino", "mocov2"]
 
@@ -42,7 +40,8 @@ IMAGE_SIZE = 32
 LOCAL_SIZE = 16
 BATCH = 16
 
-# Small heads (the published sizes are thousands wide); every method takes these overrides.
+# Small heads (the published sizes are thousands wide) on top of proj_hidden_dim and
+# proj_output_dim, which every method takes; a method not listed keeps its other defaults.
 SMALL_HEADS: dict[str, dict] = {
     "barlowtwins": {},
     "byol": dict(pred_hidden_dim=64),
@@ -110,7 +109,7 @@ def make_backbone() -> tuple[nn.Module, int]:
 def make_method(name: str, **kwargs) -> SSLMethod:
     torch.manual_seed(0)
     backbone, feature_dim = make_backbone()
-    args = dict(proj_hidden_dim=64, proj_output_dim=32, **SMALL_HEADS[name])
+    args = dict(proj_hidden_dim=64, proj_output_dim=32, **SMALL_HEADS.get(name, {}))
     args.update(kwargs)
     return build_method(name, backbone, feature_dim, **args)
 
@@ -182,12 +181,11 @@ def target_modules(method: SSLMethod) -> list[nn.Module]:
 # Registry
 # ----------------------------------------------------------------------------------------------
 def test_registry_lists_every_method_with_its_declarations():
-    assert set(available_methods()) == EXPECTED_METHODS
+    assert BUILT_IN_METHODS <= set(available_methods())
     assert available_methods() == sorted(METHODS)
     for name, cls in METHODS.items():
         assert issubclass(cls, SSLMethod)
         assert cls.name == name
-        assert cls.augmentation in AUGMENTATIONS
         assert cls.num_global_views == 2
         opt = cls.default_optimizer
         assert isinstance(opt, OptimizerDefaults)
@@ -195,23 +193,43 @@ def test_registry_lists_every_method_with_its_declarations():
         assert opt.source and opt.to_dict()["lr"] == opt.lr
         assert math.isclose(opt.scaled_lr(512), 2 * opt.lr)
         assert cls.__doc__ and "Defaults" in cls.__doc__
-    assert METHODS["dino"].vit_optimizer.name == "adamw"
+    assert METHODS["dino"].optimizer_defaults("vit_small", 224).name == "adamw"
     assert METHODS["dino"].multi_crop and METHODS["swav"].multi_crop
     assert not METHODS["byol"].multi_crop
 
 
-def test_view_recipes_resolve_in_or_core_augment():
+def test_every_method_owns_its_views_and_method_views_finds_them():
     augment = pytest.importorskip("or_core.augment")
     for name, cls in METHODS.items():
-        views = augment.method_views(cls.augmentation, IMAGE_SIZE, n_local_views=3)
+        views = cls.views(IMAGE_SIZE, n_local_views=3)
         assert len(views) == cls.num_global_views + (3 if cls.multi_crop else 0), name
+        assert [v.size for v in views[: cls.num_global_views]] == [IMAGE_SIZE] * 2, name
+        assert augment.method_views(name, IMAGE_SIZE, n_local_views=3) == views, name
+        for alias in cls.aliases:
+            assert augment.method_views(alias, IMAGE_SIZE, n_local_views=3) == views, alias
+    # the recipes that differ: MoCo v2's scale, SimCLR's jitter, DINO's bicubic crops
+    assert METHODS["mocov2"].views(IMAGE_SIZE)[0].min_scale == 0.2
+    assert METHODS["simclr"].views(IMAGE_SIZE)[0].cj_sat == 0.8
+    assert METHODS["dino"].views(IMAGE_SIZE)[0].interpolation == "bicubic"
+    assert METHODS["byol_whitening"].views(IMAGE_SIZE) == METHODS["byol"].views(IMAGE_SIZE)
+
+
+def test_profile_settings_name_known_profiles_and_config_fields():
+    from or_core.config import PROFILES, method_profile_settings
+
+    declared = {name: cls.profile_settings for name, cls in METHODS.items() if cls.profile_settings}
+    assert set(declared) == {"dino", "swav"}  # the cpu profile's two exceptions
+    for name, settings in declared.items():
+        assert set(settings) <= set(PROFILES), name
+        for profile in settings:
+            assert method_profile_settings(name, profile) == settings[profile]
 
 
 def test_unknown_method_error_lists_valid_names():
     backbone, feature_dim = make_backbone()
     with pytest.raises(ValueError) as error:
         build_method("byl", backbone, feature_dim)
-    for name in EXPECTED_METHODS:
+    for name in available_methods():
         assert name in str(error.value)
 
 
@@ -230,7 +248,7 @@ def test_unknown_regularizer_and_bad_progress_are_rejected():
 # ----------------------------------------------------------------------------------------------
 # Training steps
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(EXPECTED_METHODS))
+@pytest.mark.parametrize("name", available_methods())
 def test_training_steps_give_finite_loss_and_move_the_backbone(name, images):
     method = make_method(name)  # no OR: the SSL loss alone must move the backbone
     optimizer = sgd(method)
@@ -246,7 +264,7 @@ def test_training_steps_give_finite_loss_and_move_the_backbone(name, images):
     assert {n for n, _ in regularized_weights(method.backbone)} <= moved
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_METHODS))
+@pytest.mark.parametrize("name", available_methods())
 def test_batch_of_eight_works(name):
     method = make_method(name, regularizer="srip")
     x = torch.rand(8, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
@@ -269,7 +287,7 @@ def test_multi_crop_methods_take_any_number_of_local_crops(name):
 # ----------------------------------------------------------------------------------------------
 # The orthogonality term: the online backbone's conv/linear weights, nothing else
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(EXPECTED_METHODS))
+@pytest.mark.parametrize("name", available_methods())
 def test_or_term_is_gamma_times_so_over_the_online_backbone_only(name):
     gamma = 1e-3
     method = make_method(name, regularizer="so", gamma=gamma)
@@ -424,7 +442,7 @@ def test_mocov2_queue_is_updated_in_training_only(images):
 # ----------------------------------------------------------------------------------------------
 # Exact resume: state_dict carries EMA targets, DINO's center, memory banks and queues
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(EXPECTED_METHODS))
+@pytest.mark.parametrize("name", available_methods())
 def test_state_dict_round_trip_resumes_exactly(name, images, tmp_path):
     kwargs = dict(queue_start_progress=0.0) if name == "swav" else {}
     method = make_method(name, regularizer="so", **kwargs)

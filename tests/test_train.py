@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from or_core.config import PROFILE_METHOD_SETTINGS, PROFILES, PretrainConfig, resolve_config
-from or_core.methods import available_methods
+from or_core.config import PROFILES, PretrainConfig, resolve_config
+from or_core.methods import available_methods, method_class
 from or_core.train import NonFiniteLossError, RunConfigMismatchError, build_run, pretrain, step_views, training_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def data_root(cifar10_dir: Path) -> Path:
 
 def test_run_directory_holds_config_metrics_checkpoint_and_summary(data_root: Path, tmp_path: Path) -> None:
     cfg = tiny(data_root, regularizer="so", gamma=1e-4)
-    summary = pretrain(cfg, tmp_path, progress=False)
+    summary = pretrain(cfg, tmp_path, show_progress=False)
     assert {p.name for p in tmp_path.iterdir()} >= {"config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json"}
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
@@ -60,7 +60,7 @@ def test_run_directory_holds_config_metrics_checkpoint_and_summary(data_root: Pa
     assert summary["gamma"] == 1e-4 and 0.0 <= summary["knn_top1"] <= 1.0
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == cfg.to_dict()
     # a finished run is not trained again
-    again = pretrain(cfg, tmp_path, progress=False)
+    again = pretrain(cfg, tmp_path, show_progress=False)
     assert again == summary
 
 
@@ -115,9 +115,9 @@ def test_augmenting_several_batches_at_once_covers_every_batch_and_resumes_exact
         whole = run.augment(torch.cat(batches[first : first + size]), generator=reference)
         for j in range(size):
             assert all(torch.equal(v, w[64 * j : 64 * (j + 1)]) for v, w in zip(views[first + j], whole))
-    pretrain(cfg, tmp_path / "straight", progress=False)
-    pretrain(cfg, tmp_path / "resumed", progress=False, stop_after_epochs=1)
-    pretrain(cfg, tmp_path / "resumed", progress=False)
+    pretrain(cfg, tmp_path / "straight", show_progress=False)
+    pretrain(cfg, tmp_path / "resumed", show_progress=False, stop_after_epochs=1)
+    pretrain(cfg, tmp_path / "resumed", show_progress=False)
     straight, resumed = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
     with pytest.raises(ValueError, match="augment_batches"):
@@ -129,7 +129,7 @@ def test_every_method_trains_with_a_finite_loss(method: str, data_root: Path, tm
     cfg = tiny(data_root, method=method, regularizer="so", epochs=1, subset=256)
     run = build_run(cfg)
     before = {k: v.clone() for k, v in run.method.backbone.state_dict().items()}
-    summary = pretrain(cfg, tmp_path, progress=False)
+    summary = pretrain(cfg, tmp_path, show_progress=False)
     metrics = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert torch.isfinite(torch.tensor(metrics["ssl_loss"])) and metrics["or_term"] > 0
     after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["method"]
@@ -142,7 +142,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = tiny(data_root, epochs=3)
-    pretrain(cfg, tmp_path, progress=False, stop_after_epochs=1)
+    pretrain(cfg, tmp_path, show_progress=False, stop_after_epochs=1)
     good = (tmp_path / "checkpoint.pt").read_bytes()
 
     from or_core.methods.base import SSLMethod
@@ -157,7 +157,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(SSLMethod, "training_loss", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 12 \(epoch 2\).*the last good checkpoint \(epoch 1\) is kept"):
-        pretrain(cfg, tmp_path, progress=False)
+        pretrain(cfg, tmp_path, show_progress=False)
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
     assert not (tmp_path / "summary.json").exists()
 
@@ -175,13 +175,13 @@ def test_clear_errors(data_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown config field.*epochz"):
         resolve_config("cpu", tmp_path / "bad.yaml")
     cfg = tiny(data_root, epochs=3)
-    pretrain(cfg, tmp_path / "run", progress=False, stop_after_epochs=1)
+    pretrain(cfg, tmp_path / "run", show_progress=False, stop_after_epochs=1)
     with pytest.raises(RunConfigMismatchError, match="epochs: 3 there, 2 now"):
-        pretrain(tiny(data_root, epochs=2), tmp_path / "run", progress=False)
+        pretrain(tiny(data_root, epochs=2), tmp_path / "run", show_progress=False)
     # the checkpoint's own config decides, not config.yaml
     (tmp_path / "run" / "config.yaml").unlink()
     with pytest.raises(RunConfigMismatchError, match="epochs: 3 there, 2 now"):
-        pretrain(tiny(data_root, epochs=2), tmp_path / "run", progress=False)
+        pretrain(tiny(data_root, epochs=2), tmp_path / "run", show_progress=False)
 
 
 def test_cli_help_lists_methods_datasets_and_profiles() -> None:
@@ -213,7 +213,7 @@ def test_profile_method_settings_sit_between_the_profile_and_the_user(tmp_path: 
     """The cpu profile's DINO and SwaV settings apply to those methods only, over the profile's
     own values, and a YAML file or a flag still overrides them."""
     dino = resolve_config("cpu", overrides={"method": "dino"})
-    expected = PROFILE_METHOD_SETTINGS["cpu"]["dino"]
+    expected = method_class("dino").profile_settings["cpu"]
     assert dino.lr == expected["lr"] != PROFILES["cpu"]["lr"]
     assert dino.method_kwargs == {**PROFILES["cpu"]["method_kwargs"], **expected["method_kwargs"]}
     assert dino.width == PROFILES["cpu"]["width"]
@@ -238,15 +238,15 @@ def test_streaming_run_trains_and_resumes_exactly(small_image_folder: Callable[.
     folder = small_image_folder()
     cfg = tiny(tmp_path, dataset=str(folder), subset=None, stream=True, image_size=32, decode_size=40,
                num_workers=1, batch_size=32, eval_train_subset=None, eval_test_subset=None, val_images=None)
-    straight = pretrain(cfg, tmp_path / "straight", progress=False)
+    straight = pretrain(cfg, tmp_path / "straight", show_progress=False)
     assert straight["train_images"] == 120 and straight["eval_test_images"] == 60
     assert straight["image_size"] == 32 and 0.0 <= straight["knn_top1"] <= 1.0
-    pretrain(cfg, tmp_path / "resumed", progress=False, stop_after_epochs=1)
-    pretrain(cfg, tmp_path / "resumed", progress=False)
+    pretrain(cfg, tmp_path / "resumed", show_progress=False, stop_after_epochs=1)
+    pretrain(cfg, tmp_path / "resumed", show_progress=False)
     a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a streamed evaluation subset: only features are kept in memory
-    sub = pretrain(dataclasses.replace(cfg, eval_train_subset=30, eval_test_subset=15), tmp_path / "sub", progress=False)
+    sub = pretrain(dataclasses.replace(cfg, eval_train_subset=30, eval_test_subset=15), tmp_path / "sub", show_progress=False)
     assert sub["eval_train_images"] == 30 and sub["eval_test_images"] == 15
     with pytest.raises(ValueError, match="needs image_size"):
         build_run(tiny(tmp_path, dataset=str(folder), subset=None, stream=True))
@@ -287,8 +287,8 @@ def test_a_cuda_run_with_bf16_and_channels_last_trains_evaluates_and_resumes(met
     """The CUDA path as the gpu profile uses it (bf16 autocast, channels_last): finite losses, the
     OR term in float32, a summary naming the GPU, and a resumed run that ends where it would."""
     cfg = tiny(data_root, method=method, regularizer="so", gamma=1e-4, device="cuda", amp=True, channels_last=True, epochs=2)
-    pretrain(cfg, tmp_path / "first", progress=False, stop_after_epochs=1)
-    summary = pretrain(cfg, tmp_path / "first", progress=False)
+    pretrain(cfg, tmp_path / "first", show_progress=False, stop_after_epochs=1)
+    summary = pretrain(cfg, tmp_path / "first", show_progress=False)
     lines = [json.loads(s) for s in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
     assert all(m["or_term"] > 0 and m["ssl_loss"] == m["ssl_loss"] for m in lines)
@@ -354,11 +354,22 @@ def test_a_compiled_run_trains_evaluates_and_resumes_exactly(data_root: Path, tm
     cfg = tiny(data_root, regularizer="so", gamma=1e-4, subset=256, compile="default")
     torch._dynamo.reset()
     counters.clear()
-    straight = pretrain(cfg, tmp_path / "straight", progress=False)
+    straight = pretrain(cfg, tmp_path / "straight", show_progress=False)
     assert counters["stats"]["unique_graphs"] >= 2  # the online and the EMA backbone were compiled
-    pretrain(cfg, tmp_path / "resumed", progress=False, stop_after_epochs=1)
-    pretrain(cfg, tmp_path / "resumed", progress=False)
+    pretrain(cfg, tmp_path / "resumed", show_progress=False, stop_after_epochs=1)
+    pretrain(cfg, tmp_path / "resumed", show_progress=False)
     first, second = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert 0.0 <= straight["knn_top1"] <= 1.0 and straight["or_so_total"] > 0
     assert yaml.safe_load((tmp_path / "straight" / "config.yaml").read_text())["compile"] == "default"
+
+
+def test_the_warmup_comes_from_the_runs_recipe(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a warmup in the config, build_run takes the warmup of the recipe the optimizer is
+    built from (SSLMethod.optimizer_defaults), not that of default_optimizer."""
+    cls = method_class("byol")
+    recipe = dataclasses.replace(cls.default_optimizer, warmup_epochs=1)
+    monkeypatch.setattr(cls, "optimizer_defaults", classmethod(lambda c, backbone, image_size: recipe))
+    assert cls.default_optimizer.warmup_epochs == 10
+    run = build_run(tiny(data_root, method="byol", epochs=6))
+    assert run.scheduler.warmup_epochs == 1 * run.steps_per_epoch  # default_optimizer: 3 epochs

@@ -35,7 +35,7 @@ class BarlowTwins(SSLMethod):
     """
 
     name = "barlowtwins"
-    augmentation = "barlowtwins"
+    aliases = ("barlow",)
     default_optimizer = OptimizerDefaults(
         name="lars",
         lr=0.3,

@@ -15,7 +15,7 @@ One training step, as the training loop drives it::
     out["loss"].backward()
     clip_gradients(optimizer)                     # the recipe's clip_grad (DINO's ViT recipe)
     method.on_after_backward(progress)            # e.g. DINO freezes its last layer early on
-    schedule_weight_decay(optimizer, progress)    # the recipe's weight_decay_end (DINO's ViT recipe)
+    schedule_weight_decay(optimizer, progress)    # the recipe's weight_decay_end (DINO's ViT)
     optimizer.step()
     method.on_train_step_end(progress)            # a no-op for the methods here
 
@@ -36,7 +36,7 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from lightly.models.modules.memory_bank import MemoryBankModule
@@ -45,7 +45,9 @@ from lightly.utils import dist
 from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 
+from or_core.augment import ViewConfig
 from or_core.backbones import SMALL_IMAGE_SIZE
+from or_core.methods.view_recipes import asymmetric_views, base_view, for_image_size
 from or_core.orthogonality import PENALTY_KINDS, OrthogonalityRegularizer
 
 __all__ = [
@@ -132,7 +134,9 @@ def persistent_memory_bank(bank: MemoryBankModule) -> MemoryBankModule:
     """
     for name in ("bank", "bank_ptr"):
         bank.register_buffer(name, getattr(bank, name), persistent=True)
-    bank._dequeue_and_enqueue = functools.partial(_enqueue_without_sync, bank)  # type: ignore[method-assign]
+    bank._dequeue_and_enqueue = functools.partial(  # type: ignore[method-assign]
+        _enqueue_without_sync, bank
+    )
     return bank
 
 
@@ -162,8 +166,9 @@ class OptimizerDefaults:
     (``scripts/pretrain/cifar/*.yaml``: ``eta: 0.02``, ``clip_lr: True``,
     ``exclude_bias_n_norm: True``, momentum 0.9, 10 warmup epochs), which most methods here
     follow. :func:`or_core.train.build_optimizer` and :func:`or_core.train.optimization_step`
-    apply every field but ``warmup_epochs``, which :func:`or_core.train.build_run` reads from
-    ``default_optimizer`` (10 in every recipe here).
+    apply every field of the run's recipe (:meth:`SSLMethod.optimizer_defaults`) but
+    ``warmup_epochs``, which :func:`or_core.train.build_run` reads from the same recipe (10 in
+    every recipe here).
 
     Attributes:
         name: ``"lars"`` (:class:`or_core.lars.LARS`), ``"sgd"`` or ``"adamw"``.
@@ -236,7 +241,9 @@ def schedule_weight_decay(optimizer: torch.optim.Optimizer, progress: float) -> 
     ``end + (start - end) * (1 + cos(pi * step / total_steps)) / 2``. Other groups keep theirs."""
     for group in optimizer.param_groups:
         if group.get("weight_decay_end") is not None:
-            group["weight_decay"] = cosine_progress(progress, group["weight_decay_start"], group["weight_decay_end"])
+            group["weight_decay"] = cosine_progress(
+                progress, group["weight_decay_start"], group["weight_decay_end"]
+            )
 
 
 @torch.no_grad()
@@ -265,16 +272,24 @@ class SSLMethod(nn.Module):
     ``(online, target)`` module pairs from :meth:`momentum_pairs`.
 
     Class attributes every method declares:
-        name: its registry name.
-        augmentation: the name of its view recipe (``"byol"``, ``"simclr"``, ``"mocov2"``,
-            ``"simsiam"``, ``"barlowtwins"``, ``"vicreg"``, ``"nnclr"``, ``"dino"``, ``"swav"``).
+        name: its registry name (a class that declares none is not registered: a base for
+            other methods).
         num_global_views: full-resolution views per image (2 for all methods here).
         multi_crop: whether the method takes extra low-resolution local crops after the global
             views; ``num_local_views`` (an instance attribute) says how many by default.
-        default_optimizer: the published optimizer recipe at CIFAR scale (:class:`OptimizerDefaults`).
+        default_optimizer: the published optimizer recipe at CIFAR scale
+            (:class:`OptimizerDefaults`).
         optimizer_recipes: the recipes for other data sets and backbones, by
             :func:`recipe_key` (``"imagenet"``, ``"imagenet-100"``, ``"vit"``); a run whose
             key is not there takes ``default_optimizer`` (:meth:`optimizer_defaults`).
+
+    Class attributes a method may declare:
+        aliases: other names :func:`or_core.augment.method_views` accepts for it (``"moco"``).
+        profile_settings: config fields by profile name (``{"cpu": {"lr": 0.05}}``), applied
+            over that profile's own when a run of this method takes it, and under a YAML file
+            and explicit overrides (:func:`or_core.config.resolve_config`).
+
+    and the views it trains on: :meth:`view_recipe` (default: BYOL's two asymmetric views).
 
     Args:
         backbone: the online encoder, mapping images ``(N, 3, H, W)`` to features
@@ -287,11 +302,12 @@ class SSLMethod(nn.Module):
     """
 
     name: ClassVar[str] = ""
-    augmentation: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
     num_global_views: ClassVar[int] = 2
     multi_crop: ClassVar[bool] = False
     default_optimizer: ClassVar[OptimizerDefaults]
     optimizer_recipes: ClassVar[dict[str, OptimizerDefaults]] = {}
+    profile_settings: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(
         self,
@@ -336,6 +352,40 @@ class SSLMethod(nn.Module):
         data's own size): ``optimizer_recipes[recipe_key(backbone, image_size)]`` where the
         method declares one, else ``default_optimizer``."""
         return cls.optimizer_recipes.get(recipe_key(backbone, image_size), cls.default_optimizer)
+
+    @classmethod
+    def view_recipe(cls, base: ViewConfig, n_local_views: int) -> list[ViewConfig]:
+        """The method's views made from ``base``, lightly's default view at the image size with
+        the data's normalization (:func:`~or_core.methods.view_recipes.base_view`); multi-crop
+        methods add ``n_local_views`` local crops after the global views.
+
+        Default: BYOL's two asymmetric views
+        (:func:`~or_core.methods.view_recipes.asymmetric_views`).
+        """
+        return asymmetric_views(base)
+
+    @classmethod
+    def views(
+        cls,
+        image_size: int,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        n_local_views: int = 6,
+    ) -> list[ViewConfig]:
+        """The views the method trains on, for images of ``image_size``: its
+        :meth:`view_recipe`, without Gaussian blur for small images (``image_size <= 64``, as
+        lightly's CIFAR-10 benchmarks).
+
+        ``mean``/``std`` normalize the views; by default the CIFAR-10 statistics for small
+        images and ImageNet's for larger ones. ``n_local_views`` is the number of local crops
+        of a multi-crop method (others take none).
+
+        Raises:
+            ValueError: ``image_size`` not positive.
+        """
+        base = base_view(image_size, mean, std)
+        return for_image_size(cls.view_recipe(base, n_local_views), image_size)
 
     def on_after_backward(self, progress: float) -> None:
         """Called after ``backward()`` and before ``optimizer.step()`` (e.g. to drop gradients)."""
@@ -399,14 +449,17 @@ class SSLMethod(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Helpers
     # ------------------------------------------------------------------------------------------
-    def parameter_groups(self, weight_decay: float, exclude_bias_and_norm: bool = True) -> list[dict]:
+    def parameter_groups(
+        self, weight_decay: float, exclude_bias_and_norm: bool = True
+    ) -> list[dict]:
         """Trainable parameters in two optimizer groups: decayed, and biases/norms undecayed
         (lightly's ``get_weight_decay_parameters``); with ``exclude_bias_and_norm=False`` one
         group, all decayed. EMA targets and frozen parameters (``requires_grad=False``) are
         left out.
         """
         if not exclude_bias_and_norm:
-            return [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+            trainable = [p for p in self.parameters() if p.requires_grad]
+            return [{"params": trainable, "weight_decay": weight_decay}]
         decay, no_decay = get_weight_decay_parameters([self])
         return [
             {"params": [p for p in decay if p.requires_grad], "weight_decay": weight_decay},

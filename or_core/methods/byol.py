@@ -46,7 +46,6 @@ class BYOL(SSLMethod):
     """
 
     name = "byol"
-    augmentation = "byol"
     # solo-learn scripts/pretrain/cifar/byol.yaml: lars, batch_size 256, lr 1.0, weight_decay 1e-5,
     # eta 0.02, clip_lr True, exclude_bias_n_norm True (the OptimizerDefaults defaults).
     default_optimizer = OptimizerDefaults(
@@ -58,9 +57,10 @@ class BYOL(SSLMethod):
     optimizer_recipes = {
         # lightly benchmarks/imagenet/resnet50/byol.py: LARS(lr=0.45 * batch_size / 256,
         # momentum=0.9, weight_decay=1e-6), lightly's default trust_coefficient 0.001, no weight
-        # decay for biases and norms, 10 warmup epochs. solo-learn scripts/pretrain/imagenet/byol.yaml
-        # agrees: lr 0.45 (scaled by batch / 256, solo/args/pretrain.py), weight_decay 1e-6,
-        # eta 0.001, clip_lr False, exclude_bias_n_norm True.
+        # decay for biases and norms, 10 warmup epochs. solo-learn
+        # scripts/pretrain/imagenet/byol.yaml agrees: lr 0.45 (scaled by batch / 256,
+        # solo/args/pretrain.py), weight_decay 1e-6, eta 0.001, clip_lr False,
+        # exclude_bias_n_norm True.
         "imagenet": OptimizerDefaults(
             name="lars",
             lr=0.45,

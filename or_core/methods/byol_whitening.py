@@ -41,7 +41,6 @@ class BYOLWhitening(BYOL):
     """
 
     name = "byol_whitening"
-    augmentation = "byol"
 
     def __init__(
         self,

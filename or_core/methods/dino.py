@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from lightly.loss import DINOLoss
@@ -13,7 +14,9 @@ from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad
 from torch import Tensor, nn
 
+from or_core.augment import ViewConfig
 from or_core.methods.base import OptimizerDefaults, SSLMethod, same_size_groups
+from or_core.methods.view_recipes import HALF_JITTER, local_size
 
 
 class DINO(SSLMethod):
@@ -46,17 +49,18 @@ class DINO(SSLMethod):
     1 of 1000 epochs (0.001), LARS lr 0.3 (batch 256), weight decay 1e-6, eta 0.02, clip_lr, no
     gradient clipping (``clip_grad`` default 0) and a constant weight decay.
 
-    For a ViT, :attr:`vit_optimizer` is DINO's AdamW recipe (facebookresearch/dino
+    For a ViT, ``optimizer_recipes["vit"]`` is DINO's AdamW recipe (facebookresearch/dino
     ``main_dino.py`` defaults): lr 5e-4 x B/256, weight decay 0.04 -> 0.4 on a cosine over
     training, each parameter's gradient clipped to norm 3.0, 10 warmup epochs; the head and
     multi-crop settings that go with it are in ``configs/cifar100_vit_dino.yaml``.
 
-    The views are :mod:`or_core.augment`'s ``dino`` recipe, whose global crops keep DINO's
-    multi-crop scale (0.4, 1) with or without local crops; solo-learn's ``asymmetric.yaml``
-    crops (0.08, 1) (and DINO's ``main_dino.py`` advises (0.14, 1) without local crops).
+    The views (:meth:`view_recipe`) are lightly's ``DINOTransform``, whose global crops keep
+    DINO's multi-crop scale (0.4, 1) with or without local crops; solo-learn's
+    ``asymmetric.yaml`` crops (0.08, 1) (and DINO's ``main_dino.py`` advises (0.14, 1) without
+    local crops).
 
     The cpu profile (800 steps of a width-0.125 ResNet-18) replaces several of these defaults
-    (:data:`or_core.config.PROFILE_METHOD_SETTINGS`): with them the loss never left ``ln K``.
+    (:attr:`profile_settings`): with them the loss never left ``ln K``.
 
     Args:
         backbone, feature_dim, regularizer, gamma: see :class:`SSLMethod`.
@@ -75,7 +79,6 @@ class DINO(SSLMethod):
     """
 
     name = "dino"
-    augmentation = "dino"
     multi_crop = True
     # solo-learn scripts/pretrain/cifar/dino.yaml: lars, batch_size 256, lr 0.3, weight_decay 1e-6,
     # eta 0.02, clip_lr True, exclude_bias_n_norm True; no clip_grad (solo/methods/dino.py: 0) and
@@ -91,16 +94,55 @@ class DINO(SSLMethod):
     # batch / 256), --warmup_epochs 10, --weight_decay 0.04, --weight_decay_end 0.4 (cosine
     # utils.cosine_scheduler, on the regularized group only), --clip_grad 3.0 (utils.clip_gradients,
     # per parameter); biases and 1-D parameters not regularized (utils.get_params_groups).
-    vit_optimizer = OptimizerDefaults(
-        name="adamw",
-        lr=5e-4,
-        weight_decay=0.04,
-        weight_decay_end=0.4,
-        clip_grad=3.0,
-        exclude_bias_and_norm=True,
-        source="facebookresearch/dino main_dino.py (ViT-S/16, AdamW, lr 5e-4 x B/256)",
-    )
-    optimizer_recipes = {"vit": vit_optimizer}
+    optimizer_recipes = {
+        "vit": OptimizerDefaults(
+            name="adamw",
+            lr=5e-4,
+            weight_decay=0.04,
+            weight_decay_end=0.4,
+            clip_grad=3.0,
+            exclude_bias_and_norm=True,
+            source="facebookresearch/dino main_dino.py (ViT-S/16, AdamW, lr 5e-4 x B/256)",
+        ),
+    }
+    # cpu: with the published (solo-learn) settings the loss never left ln K (uniform
+    # predictions) in the profile's 800 steps and the encoder stayed at its untrained kNN
+    # accuracy: at width 0.125 the random encoder's projections of different images are nearly
+    # parallel, so the teacher's targets are near uniform and a constant output is the cheapest
+    # fit. lightly's CIFAR-10 benchmark head (512 hidden, 64 bottleneck, 2048 prototypes, batch
+    # norm), a faster teacher (momentum 0.99) with a sharper temperature (0.04) and no local
+    # crops (twice as fast on two cores) learn instead, best at lr 0.05 (results/cpu_profile/,
+    # results/methods_cpu/).
+    profile_settings = {
+        "cpu": {
+            "lr": 0.05,
+            "method_kwargs": {
+                "proj_hidden_dim": 512,
+                "proj_output_dim": 64,
+                "num_prototypes": 2048,
+                "batch_norm": True,
+                "base_momentum": 0.99,
+                "warmup_teacher_temp": 0.04,
+                "teacher_temp": 0.04,
+                "num_local_views": 0,
+            },
+        },
+    }
+
+    @classmethod
+    def view_recipe(cls, base: ViewConfig, n_local_views: int) -> list[ViewConfig]:
+        """lightly's ``DINOTransform``: 2 global crops with scale (0.4, 1) (blur 1.0 / 0.1,
+        solarization 0 / 0.2), then ``n_local_views`` local crops with scale (0.05, 0.4) and blur
+        0.5 at :func:`~or_core.methods.view_recipes.local_size` (96 px for 224, 16 px for 32);
+        jitter 0.4/0.4/0.2/0.1, bicubic resampling."""
+        glob = replace(base, **HALF_JITTER, min_scale=0.4, interpolation="bicubic")
+        local = replace(
+            glob, size=local_size(base.size), min_scale=0.05, max_scale=0.4, blur_prob=0.5
+        )
+        return [
+            replace(glob, blur_prob=1.0, solarize_prob=0.0),
+            replace(glob, blur_prob=0.1, solarize_prob=0.2),
+        ] + [local] * n_local_views
 
     def __init__(
         self,
@@ -123,7 +165,8 @@ class DINO(SSLMethod):
         base_momentum: float = 0.9995,
         final_momentum: float = 1.0,
         freeze_last_layer_progress: float = 0.001,  # 1 of 1000 epochs (solo/methods/dino.py)
-        # solo-learn scripts/pretrain/cifar/dino.yaml: augmentations/asymmetric.yaml, two 32 px crops.
+        # solo-learn scripts/pretrain/cifar/dino.yaml: augmentations/asymmetric.yaml, two 32 px
+        # crops.
         num_local_views: int = 0,
     ) -> None:
         super().__init__(backbone, feature_dim, regularizer, gamma)
@@ -181,8 +224,8 @@ class DINO(SSLMethod):
 
     def ssl_loss(self, views: Sequence[Tensor], progress: float) -> Tensor:
         n_global = self.num_global_views
-        teacher_out = self.forward_teacher(torch.cat(views[:n_global])).chunk(n_global)
-        student_out = []
+        teacher_out = self.forward_teacher(torch.cat(list(views[:n_global]))).chunk(n_global)
+        student_out: list[Tensor] = []
         for group in same_size_groups(views):
             student_out += self.forward_student(torch.cat(group)).chunk(len(group))
         return self.criterion(

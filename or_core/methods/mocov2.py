@@ -14,7 +14,9 @@ from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requ
 from lightly.utils import dist
 from torch import Tensor, nn
 
+from or_core.augment import ViewConfig
 from or_core.methods.base import OptimizerDefaults, SSLMethod, persistent_memory_bank
+from or_core.methods.view_recipes import moco_views
 
 
 class MoCoV2(SSLMethod):
@@ -47,13 +49,18 @@ class MoCoV2(SSLMethod):
     """
 
     name = "mocov2"
-    augmentation = "mocov2"
+    aliases = ("moco",)
     default_optimizer = OptimizerDefaults(
         name="sgd",
         lr=0.3,
         weight_decay=1e-4,
         source="solo-learn scripts/pretrain/cifar/mocov2plus.yaml (ResNet-18, batch 256)",
     )
+
+    @classmethod
+    def view_recipe(cls, base: ViewConfig, n_local_views: int) -> list[ViewConfig]:
+        """MoCo v2's two views (:func:`~or_core.methods.view_recipes.moco_views`)."""
+        return moco_views(base)
 
     def __init__(
         self,

@@ -12,7 +12,9 @@ from lightly.models.modules import NNCLRPredictionHead, NNCLRProjectionHead
 from lightly.models.modules.nn_memory_bank import NNMemoryBankModule
 from torch import Tensor, nn
 
+from or_core.augment import ViewConfig
 from or_core.methods.base import OptimizerDefaults, SSLMethod, persistent_memory_bank
+from or_core.methods.view_recipes import simclr_views
 
 
 class NNCLR(SSLMethod):
@@ -41,13 +43,18 @@ class NNCLR(SSLMethod):
     """
 
     name = "nnclr"
-    augmentation = "nnclr"
     default_optimizer = OptimizerDefaults(
         name="lars",
         lr=0.4,
         weight_decay=1e-5,
         source="solo-learn scripts/pretrain/cifar/nnclr.yaml (ResNet-18, batch 256)",
     )
+
+    @classmethod
+    def view_recipe(cls, base: ViewConfig, n_local_views: int) -> list[ViewConfig]:
+        """SimCLR's two views (:func:`~or_core.methods.view_recipes.simclr_views`), as
+        lightly's NNCLR examples use."""
+        return simclr_views(base)
 
     def __init__(
         self,

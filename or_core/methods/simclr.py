@@ -10,7 +10,9 @@ from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from torch import Tensor, nn
 
+from or_core.augment import ViewConfig
 from or_core.methods.base import OptimizerDefaults, SSLMethod
+from or_core.methods.view_recipes import simclr_views
 
 
 class SimCLR(SSLMethod):
@@ -34,13 +36,17 @@ class SimCLR(SSLMethod):
     """
 
     name = "simclr"
-    augmentation = "simclr"
     default_optimizer = OptimizerDefaults(
         name="lars",
         lr=0.4,
         weight_decay=1e-4,
         source="solo-learn scripts/pretrain/cifar/simclr.yaml (ResNet-18, batch 256)",
     )
+
+    @classmethod
+    def view_recipe(cls, base: ViewConfig, n_local_views: int) -> list[ViewConfig]:
+        """SimCLR's two views (:func:`~or_core.methods.view_recipes.simclr_views`)."""
+        return simclr_views(base)
 
     def __init__(
         self,

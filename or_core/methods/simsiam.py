@@ -10,7 +10,9 @@ from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
 from torch import Tensor, nn
 
+from or_core.augment import ViewConfig
 from or_core.methods.base import OptimizerDefaults, SSLMethod
+from or_core.methods.view_recipes import moco_views
 
 
 class SimSiam(SSLMethod):
@@ -32,13 +34,18 @@ class SimSiam(SSLMethod):
     """
 
     name = "simsiam"
-    augmentation = "simsiam"
     default_optimizer = OptimizerDefaults(
         name="sgd",
         lr=0.5,
         weight_decay=1e-5,
         source="solo-learn scripts/pretrain/cifar/simsiam.yaml (ResNet-18, batch 256)",
     )
+
+    @classmethod
+    def view_recipe(cls, base: ViewConfig, n_local_views: int) -> list[ViewConfig]:
+        """SimSiam's two views, MoCo v2's
+        (:func:`~or_core.methods.view_recipes.moco_views`)."""
+        return moco_views(base)
 
     def __init__(
         self,

@@ -5,6 +5,7 @@ Features by Contrasting Cluster Assignments" (NeurIPS 2020), https://arxiv.org/a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from lightly.models.modules.memory_bank import MemoryBankModule
 from lightly.utils import dist
 from torch import Tensor, nn
 
+from or_core.augment import ViewConfig
 from or_core.methods.base import (
     OptimizerDefaults,
     SSLMethod,
@@ -22,6 +24,7 @@ from or_core.methods.base import (
     same_size_groups,
     write_counter,
 )
+from or_core.methods.view_recipes import SIMCLR_JITTER, local_size
 
 
 class SwaV(SSLMethod):
@@ -47,15 +50,15 @@ class SwaV(SSLMethod):
     iterations at epsilon 0.05, queue 3840 from epoch 50 of 1000 (0.05), prototypes frozen 2 of
     1000 epochs (0.002), LARS lr 0.6 (batch 256), weight decay 1e-6, eta 0.02, clip_lr.
     (solo-learn's multi-crop CIFAR variant, ``scripts/pretrain/cifar-multicrop/swav.yaml``,
-    adds 6 crops of 18 px at scale (0.08, 0.5) with the same head; :mod:`or_core.augment`'s
-    ``swav`` local crops are 16 px at (0.05, 0.14), lightly's ``SwaVTransform`` scaled down, so
-    that variant is not reproduced by ``num_local_views=6``.) The views are
-    :mod:`or_core.augment`'s ``swav`` recipe: global crop scale (0.14, 1), no blur at 32 px;
-    solo-learn's ``symmetric.yaml`` crops (0.08, 1) with blur 0.5.
+    adds 6 crops of 18 px at scale (0.08, 0.5) with the same head; the local crops here are
+    16 px at (0.05, 0.14), lightly's ``SwaVTransform`` scaled down, so that variant is not
+    reproduced by ``num_local_views=6``.) The views (:meth:`view_recipe`) are lightly's
+    ``SwaVTransform``: global crop scale (0.14, 1), no blur at 32 px; solo-learn's
+    ``symmetric.yaml`` crops (0.08, 1) with blur 0.5.
 
     The cpu profile (800 steps of a width-0.125 ResNet-18) replaces several of these defaults
-    (:data:`or_core.config.PROFILE_METHOD_SETTINGS`): with them every projection collapsed to
-    one point and the loss to ``ln K``.
+    (:attr:`profile_settings`): with them every projection collapsed to one point and the loss
+    to ``ln K``.
 
     Args:
         backbone, feature_dim, regularizer, gamma: see :class:`SSLMethod`.
@@ -72,7 +75,6 @@ class SwaV(SSLMethod):
     """
 
     name = "swav"
-    augmentation = "swav"
     multi_crop = True
     # solo-learn scripts/pretrain/cifar/swav.yaml: lars, batch_size 256, lr 0.6, weight_decay 1e-6,
     # eta 0.02, clip_lr True, exclude_bias_n_norm True (the OptimizerDefaults defaults).
@@ -82,6 +84,35 @@ class SwaV(SSLMethod):
         weight_decay=1e-6,
         source="solo-learn scripts/pretrain/cifar/swav.yaml (ResNet-18, batch 256)",
     )
+    # cpu: with the published (solo-learn) settings every projection collapsed to one point and
+    # the loss stayed at ln K (uniform predictions) in the profile's 800 steps: at width 0.125
+    # the random encoder's projections of different images are nearly parallel, so the Sinkhorn
+    # codes are near uniform and a constant output is the cheapest fit. lightly's head (512 ->
+    # 128, 512 prototypes), sharper codes (Sinkhorn epsilon 0.02), prototypes frozen for the
+    # first 20% of training, no local crops (twice as fast on two cores) and no queue learn
+    # instead, at the profile's lr (results/cpu_profile/, results/methods_cpu/).
+    profile_settings = {
+        "cpu": {
+            "method_kwargs": {
+                "proj_hidden_dim": 512,
+                "proj_output_dim": 128,
+                "num_prototypes": 512,
+                "sinkhorn_epsilon": 0.02,
+                "freeze_prototypes_progress": 0.2,
+                "queue_length": 0,
+                "num_local_views": 0,
+            },
+        },
+    }
+
+    @classmethod
+    def view_recipe(cls, base: ViewConfig, n_local_views: int) -> list[ViewConfig]:
+        """lightly's ``SwaVTransform``: 2 crops with scale (0.14, 1), then ``n_local_views``
+        crops with scale (0.05, 0.14) at :func:`~or_core.methods.view_recipes.local_size`; jitter
+        0.8/0.8/0.8/0.2, blur 0.5."""
+        glob = replace(base, **SIMCLR_JITTER, min_scale=0.14, blur_prob=0.5)
+        local = replace(glob, size=local_size(base.size), min_scale=0.05, max_scale=0.14)
+        return [glob] * 2 + [local] * n_local_views
 
     def __init__(
         self,
@@ -98,7 +129,8 @@ class SwaV(SSLMethod):
         queue_length: int = 3840,
         queue_start_progress: float = 0.05,
         freeze_prototypes_progress: float = 0.002,
-        # solo-learn scripts/pretrain/cifar/swav.yaml: augmentations/symmetric.yaml, two 32 px crops.
+        # solo-learn scripts/pretrain/cifar/swav.yaml: augmentations/symmetric.yaml, two 32 px
+        # crops.
         num_local_views: int = 0,
         gather_distributed: bool = False,
     ) -> None:
@@ -162,7 +194,8 @@ class SwaV(SSLMethod):
         ]
         count = read_counter(self, "queued")  # on the host: no synchronization per step
         full = count >= self.queue_length
-        pushed = global_projections[0].shape[0] * (dist.world_size() if self.gather_distributed else 1)
+        processes = dist.world_size() if self.gather_distributed else 1
+        pushed = global_projections[0].shape[0] * processes
         write_counter(self, "queued", count + pushed)
         if not full:
             return None

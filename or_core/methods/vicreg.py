@@ -5,12 +5,15 @@ Self-Supervised Learning" (ICLR 2022), https://arxiv.org/abs/2105.04906.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from lightly.loss import VICRegLoss
 from lightly.models.modules.heads import VICRegProjectionHead
 from torch import Tensor, nn
 
+from or_core.augment import ViewConfig
 from or_core.methods.base import OptimizerDefaults, SSLMethod
+from or_core.methods.view_recipes import HALF_JITTER
 
 
 class VICReg(SSLMethod):
@@ -35,13 +38,21 @@ class VICReg(SSLMethod):
     """
 
     name = "vicreg"
-    augmentation = "vicreg"
     default_optimizer = OptimizerDefaults(
         name="lars",
         lr=0.3,
         weight_decay=1e-4,
         source="solo-learn scripts/pretrain/cifar/vicreg.yaml (ResNet-18, batch 256)",
     )
+
+    @classmethod
+    def view_recipe(cls, base: ViewConfig, n_local_views: int) -> list[ViewConfig]:
+        """Two equal views (lightly's ``VICRegTransform``): jitter 0.4/0.4/0.2/0.1 with prob 0.8,
+        gray 0.2, scale (0.08, 1), solarization 0.1 before a blur of prob 0.5 (lightly's order)."""
+        view = replace(
+            base, **HALF_JITTER, solarize_prob=0.1, solarize_before_blur=True, blur_prob=0.5
+        )
+        return [view] * 2
 
     def __init__(
         self,
