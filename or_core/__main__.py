@@ -1,5 +1,5 @@
-"""The command line: ``python -m or_core pretrain ...``, ``python -m or_core evaluate DIR`` and
-``python -m or_core matrix configs/matrix_cpu.yaml``."""
+"""The command line: ``python -m or_core pretrain ...``, ``python -m or_core evaluate DIR``,
+``python -m or_core matrix configs/matrix_cpu.yaml`` and ``python -m or_core transfer DIR --dataset dtd``."""
 
 from __future__ import annotations
 
@@ -166,7 +166,27 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list what the call would run and skip; train nothing",
     )
+    _add_transfer_parser(sub, common)
     return parser
+
+
+def _add_transfer_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from or_core.transfer import TRANSFER_SETS
+
+    t = sub.add_parser(
+        "transfer", parents=[common],
+        help="linear probe of a run's frozen encoder on a transfer data set (the paper's Table 5)",
+    )
+    t.add_argument("out", help="run directory (its checkpoint.pt)")
+    t.add_argument("--dataset", required=True, choices=list(TRANSFER_SETS), help="transfer data set, official splits")
+    t.add_argument("--data-root", default=None, help="where the data set is, or is downloaded to by torchvision")
+    t.add_argument("--image-size", type=int, default=None, help="image side (default: the run's training size)")
+    t.add_argument("--epochs", type=int, default=100, help="epochs of the linear probe")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    t.add_argument("--num-workers", type=int, default=0, help="image-decoding processes (0: this one)")
+    t.add_argument("--no-download", action="store_true", help="use only what is under --data-root")
+    t.add_argument("--record", default=None, help="record JSON file (default: RUN_DIR/transfer/DATASET.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +220,15 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
             results=args.results, dry_run=args.dry_run, rerun=args.rerun, debug=debug,
         )
         print(("pending: " if args.dry_run else "ran: ") + (", ".join(names) or "nothing"))
+        return 0
+    if args.command == "transfer":
+        from or_core.transfer import transfer
+
+        record = transfer(
+            args.out, args.dataset, args.data_root, args.image_size, args.epochs, args.seed,
+            download=not args.no_download, device=args.device, num_workers=args.num_workers, out=args.record,
+        )
+        print(json.dumps(record, indent=2))
         return 0
     if args.command == "campaign":
         from or_core.campaign import run_campaign
