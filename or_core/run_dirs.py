@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from or_core import plots
 from or_core.compiling import compile_mode
 from or_core.config import load_yaml
-from or_core.train import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+from or_core.run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
 
 __all__ = ["RunDir", "load_run_dirs", "run_dirs_table", "history_figure", "HISTORY_LABELS"]
 
