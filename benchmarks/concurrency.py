@@ -38,8 +38,10 @@ if str(REPO) not in sys.path:  # run from anywhere, without an install
     sys.path.insert(0, str(REPO))
 
 from or_core.config import resolve_config  # noqa: E402
-from or_core.records import provenance  # noqa: E402
-from or_core.train import build_run, device_name, optimization_step, step_views  # noqa: E402
+from or_core.provenance import provenance  # noqa: E402
+from or_core.evaluate import device_name  # noqa: E402
+from or_core.train import optimization_step, step_views  # noqa: E402
+from or_core.training_run import build_run  # noqa: E402
 
 #: Lines of a worker's stdout that the parent reads; anything else a library prints is ignored.
 TAG = "CONCURRENCY "

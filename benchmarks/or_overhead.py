@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from or_core import OrthogonalityRegularizer, regularized_weights, so_penalty, srip_penalty
 from or_core.backbones import build_backbone
-from or_core.records import git_commit
+from or_core.provenance import git_commit
 
 VARIANTS = ("none", "so-naive", "so-fast", "srip-naive", "srip-fast")
 

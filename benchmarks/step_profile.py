@@ -34,8 +34,10 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from or_core.config import resolve_config
-from or_core.records import provenance
-from or_core.train import build_run, device_name, optimization_step, step_views
+from or_core.provenance import provenance
+from or_core.evaluate import device_name
+from or_core.train import optimization_step, step_views
+from or_core.training_run import build_run
 
 PHASES = ("augment", "forward", "backward", "optimizer")
 

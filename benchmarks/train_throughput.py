@@ -22,9 +22,11 @@ import torch
 
 from or_core.compiling import COMPILE_MODES, compile_mode
 from or_core.config import resolve_config
-from or_core.records import provenance
+from or_core.provenance import provenance
 from or_core.methods import available_methods
-from or_core.train import build_run, device_name, optimization_step, step_views
+from or_core.evaluate import device_name
+from or_core.train import optimization_step, step_views
+from or_core.training_run import build_run
 
 
 def throughput(method: str, profile: str, regularizer: str, steps: int, warmup: int, overrides: dict) -> dict:

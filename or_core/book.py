@@ -26,9 +26,7 @@ Inside a notebook, :func:`apply_profile` lets a reader switch profiles by editin
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -170,54 +168,26 @@ def find_notebooks(selection: Sequence[str] | None = None, notebooks_dir: Path =
     return sorted(chosen)
 
 
-def _git(*args: str) -> str | None:
-    """Output of a read-only git command in the repository, or None outside a git checkout."""
-    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # never write the index
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def provenance(profile: str, seconds: float, command: str) -> dict[str, Any]:
-    """Where, when and with what a notebook was executed."""
-    import torch
+    """Where, when and with what a notebook was executed: the keys of every record's
+    provenance (:func:`or_core.provenance.provenance`) and the ``profile``."""
+    from or_core.provenance import provenance as made_with
 
-    from or_core import __version__
-
-    commit = _git("rev-parse", "--short=12", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else False
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return {
-        "command": command,
-        "profile": profile,
-        "executed_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "seconds": round(seconds, 1),
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, {device}",
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "or_core": __version__,
-        "commit": commit,
-        "uncommitted_changes": dirty,
-    }
+    return {**made_with(command, wall_time_s=seconds), "profile": profile}
 
 
 def _provenance_markdown(info: dict[str, Any]) -> str:
+    commit = info["git_commit"]
     commit = (
-        f"commit `{info['commit']}`" + (" with uncommitted changes" if info["uncommitted_changes"] else "")
-        if info["commit"]
+        f"commit `{commit[:12]}`" + (" with uncommitted changes" if info["git_dirty"] else "")
+        if commit != "unknown"
         else "outside a git checkout"
     )
     return (
         "```{note}\n"
         f"Executed with the **{info['profile']}** profile by `{info['command']}` on "
-        f"{info['executed_utc']} in {info['seconds']:.0f} s: {info['machine']}, "
-        f"torch threads: {info['torch_threads']}, Python {info['python']}, torch {info['torch']}, "
-        f"or_core {info['or_core']}, {commit}.\n"
+        f"{info['date_utc']} in {info['wall_time_s']:.0f} s: {info['machine']}, {info['device']}, "
+        f"Python {info['python']}, torch {info['torch']}, lightly {info['lightly']}, {commit}.\n"
         "```"
     )
 

@@ -54,7 +54,7 @@ writes nothing either and the campaign goes on; a call with a failed or stopped 
 :class:`CampaignRunsFailed` (one line, exit code 2) after its summary.
 
 Each finished run leaves one file in the output folder, ``<name>.json``, written atomically
-at its end (:func:`or_core.checkpoint.write_text_atomic`): the same record as a matrix run's
+at its end (:func:`or_core.atomic.write_json_atomic`): the same record as a matrix run's
 (:func:`or_core.experiments.run_experiment`: config, summary, per-epoch history, collapse
 spectra of the weights, hidden features and representation, provenance), plus a ``campaign``
 block (the estimate and what was measured against it). The provenance names the device the run
@@ -88,16 +88,19 @@ from typing import Any
 
 import torch
 
-from or_core.checkpoint import load_checkpoint, write_text_atomic
+from or_core.atomic import write_json_atomic
 from or_core.compiling import compile_mode
 from or_core.config import PROFILES, PretrainConfig, check_field, fit_to_data, read_yaml_file, resolve_config
 from or_core.data import count_images, load_split
 from or_core.errors import ConfigError, InputError, MissingPathError, input_error_message
-from or_core.experiments import run_name
+from or_core.matrix import run_name
 from or_core.methods import REGULARIZERS, available_methods
 from or_core.orthogonality import DEFAULT_GAMMA
-from or_core.records import collapse_spectra, provenance, scale_of
-from or_core.train import CHECKPOINT_FILE, build_run, pretrain, read_metrics
+from or_core.measure import collapse_spectra, load_trained
+from or_core.provenance import provenance
+from or_core.records import scale_of
+from or_core.run_files import read_metrics
+from or_core.train import pretrain
 
 __all__ = [
     "Campaign", "CampaignRun", "CampaignResult", "CampaignRunsFailed", "RunOverBudget", "load_campaign",
@@ -612,11 +615,10 @@ def _bundle(
 ) -> dict[str, Any]:
     """The run's record (:func:`or_core.experiments.run_experiment`'s fields) from its run
     directory: the collapse spectra of the final encoder on the test images, evaluated eagerly
-    (an uncompiled copy of the same weights: no second compilation)."""
+    (:func:`or_core.measure.load_trained` compiles nothing)."""
     cfg = run.cfg
     _free_device_memory()
-    evaluation = build_run(dataclasses.replace(cfg, compile=False))
-    evaluation.method.load_state_dict(load_checkpoint(work / CHECKPOINT_FILE)["method"])
+    evaluation = load_trained(work)
     root = Path(os.path.expanduser(cfg.data_root))
     test = load_split(cfg.dataset, "test", root, cfg.image_size, cfg.eval_test_subset, cfg.seed)
     backbone = evaluation.method.backbone
@@ -686,7 +688,7 @@ def _train_one(
         shutil.rmtree(work, ignore_errors=True)
         _free_device_memory()
     path = out_dir / f"{run.name}.json"
-    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+    write_json_atomic(path, record)
     return path, record
 
 

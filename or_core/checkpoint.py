@@ -1,80 +1,32 @@
-"""Atomic files: a run killed at any moment resumes from its last complete epoch.
+"""Checkpoints: saved atomically, so that a run killed at any moment resumes from its last
+complete epoch, and read back with an error that names an unreadable file.
 
-Every file a run or a cache writes goes through :func:`write_atomic`: a temporary file beside
-the target (``.<name>.<random>.tmp``), fsync, rename over the target, fsync of the folder. A
-crash leaves either the old file or the new one, never a torn one; the temporary file a killed
-write leaves behind is removed by the next start of the same run.
+The bytes go through the package's one writer, :func:`or_core.atomic.write_atomic`.
 """
 
 from __future__ import annotations
 
 import io
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
+from or_core.atomic import write_bytes_atomic
 from or_core.errors import DataError
 
-__all__ = ["write_atomic", "write_text_atomic", "save_atomic", "load_checkpoint"]
-
-
-def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it over
-    ``path`` and fsync the folder.
-
-    Raises:
-        OSError: with ``filename`` set to ``path`` when the system gave none (a full disk seen
-            while writing), so that the error names the file.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as error:
-        if error.filename is None:
-            error.filename = str(path)
-        raise
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """:func:`write_atomic` of ``text`` (UTF-8)."""
-    write_atomic(path, lambda f: f.write(text.encode()))
+__all__ = ["save_atomic", "load_checkpoint"]
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj)`` to ``path`` through :func:`write_atomic`.
+    """``torch.save(obj)`` to ``path`` through :func:`or_core.atomic.write_atomic`.
 
     Serialized in memory first: torch's zip writer reports a full disk as a ``RuntimeError``
     ("unexpected pos"), a plain write as the ``OSError`` (ENOSPC) that names the problem.
     """
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    write_atomic(path, lambda f: f.write(buffer.getbuffer()))
+    write_bytes_atomic(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:

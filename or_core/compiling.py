@@ -14,7 +14,7 @@ Measured for BYOL + SO, ResNet-18, CIFAR-10, batch 256: 7,552 images/s eager and
 ``reduce-overhead`` on one H100 (``results/benchmarks/h100/``, call 1), 7,366 and 16,627 on one
 H200 (``results/benchmarks/h200/``, call 3); on both, the first five losses of the eager and the
 compiled run agree within 1.6e-3 (bf16). Multi-process (DDP) runs are not compiled
-(:func:`or_core.train.build_run` warns), as that combination is untested.
+(:func:`or_core.training_run.build_run` warns), as that combination is untested.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from or_core.checkpoint import save_atomic, write_text_atomic
+from or_core.atomic import write_text_atomic
+from or_core.checkpoint import save_atomic
 from or_core.errors import DataError, MissingPathError
 
 __all__ = [

@@ -11,8 +11,8 @@ each normalized by its largest value and plotted on a log scale:
   and of the representation, over a set of test images (:func:`feature_spectra`).
 
 Scalars that summarize a spectrum: :func:`effective_rank` (Roy & Vetterli, 2007), :func:`rankme`
-(Garrido et al., 2023) and lightly's :func:`std_of_l2_normalized` (Chen & He, 2021), re-exported
-here.
+(Garrido et al., 2023) and lightly's :func:`std_of_l2_normalized` (Chen & He, 2021), called
+through here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-from lightly.utils.debug import std_of_l2_normalized
 from torch import Tensor, nn
 
 from or_core.compiling import eager
@@ -43,6 +42,18 @@ __all__ = [
 REPRESENTATION = "representation"
 
 Patterns = str | Iterable[str] | None
+
+
+def std_of_l2_normalized(z: Tensor) -> Tensor:
+    """Mean over dimensions of the standard deviation of the l2-normalized rows of ``z``
+    ``(N, D)``: ``mean_j std_i (z_i / ||z_i||)_j``; 0 for collapse to one vector, about
+    ``1 / sqrt(D)`` for isotropic features (Chen & He, 2021). Lightly's own function.
+
+    Imported when called: :mod:`lightly.utils.debug` loads matplotlib, which reading records
+    and making tables must not (the package's first import reaches this module)."""
+    from lightly.utils.debug import std_of_l2_normalized as lightly_std_of_l2_normalized
+
+    return lightly_std_of_l2_normalized(z)
 Data = Tensor | Iterable[Tensor | Sequence[Tensor]]
 
 

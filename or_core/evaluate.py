@@ -1,14 +1,29 @@
-"""Evaluation of a frozen encoder: weighted kNN and a linear probe on precomputed features.
+"""Evaluation of a frozen encoder: its features, weighted kNN and a linear probe, and the final
+evaluation of a run into its ``summary.json``.
 
-Both read the features of the final weights (never the best epoch). kNN follows lightly's
-benchmarks (Wu et al. 2018's weighted vote, ``k = 200``, ``t = 0.1`` on l2-normalized features)
-through lightly's own :func:`~lightly.utils.benchmarking.knn_predict`; the linear probe is a
-single ``nn.Linear`` trained with SGD on standardized features.
+* :func:`normalized_batches`, :func:`extract_features`: the one path from a run's uint8 images
+  to the inputs of its encoder (scaled to ``[0, 1]``, normalized with the training
+  ``mean``/``std``) and to its features; the collapse spectra of
+  :func:`or_core.measure.collapse_spectra` read the same batches;
+* :func:`knn_accuracy`, :func:`linear_probe_accuracy`: on precomputed features of the final
+  weights (never the best epoch). kNN follows lightly's benchmarks (Wu et al. 2018's weighted
+  vote, ``k = 200``, ``t = 0.1`` on l2-normalized features) through lightly's own
+  :func:`~lightly.utils.benchmarking.knn_predict`; the linear probe is a single ``nn.Linear``
+  trained with SGD on standardized features;
+* :func:`evaluate_run`: kNN, linear probe and collapse scalars of a trained :class:`Run`, the
+  summary :func:`or_core.train.pretrain` writes; :func:`evaluate_dir`: the same for the last
+  checkpoint of a run directory, with other evaluation settings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import datetime
+import math
+import os
+import platform
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +31,49 @@ from lightly.utils.benchmarking import knn_predict
 from lightly.utils.benchmarking.topk import mean_topk_accuracy
 from torch import Tensor, nn
 
+from or_core.checkpoint import load_checkpoint
 from or_core.compiling import eager
+from or_core.config import PretrainConfig, fit_to_data
+from or_core.data import load_holdout, load_split, resolve_dataset, streaming_loader
+from or_core.diagnostics import effective_rank, rankme, std_of_l2_normalized
+from or_core.divergence import check_finite_weights, require_finite
+from or_core.errors import ConfigError, MissingPathError
+from or_core.orthogonality import regularized_weights, so_penalty
+from or_core.provenance import versions
+from or_core.run_files import CHECKPOINT_FILE, saved_config, write_summary
+from or_core.training_run import Run, build_run
 
-__all__ = ["extract_features", "knn_accuracy", "linear_probe_accuracy"]
+__all__ = [
+    "EVALUATION_FIELDS",
+    "normalized_batches",
+    "extract_features",
+    "knn_accuracy",
+    "linear_probe_accuracy",
+    "device_name",
+    "evaluate_run",
+    "evaluate_dir",
+]
+
+#: The config fields that ``evaluate`` may change: they decide how, not what, was trained.
+EVALUATION_FIELDS = ("eval_train_subset", "eval_test_subset", "val_images", "linear_epochs", "knn_k", "knn_t")
+
+
+def normalized_batches(
+    images: Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+) -> Iterator[Tensor]:
+    """Batches of uint8 images ``(N, 3, H, W)`` as the encoder sees them at evaluation:
+    on ``device``, float32, ``x / 255`` normalized per channel, ``(x / 255 - mean) / std``
+    (``mean``/``std`` those of training), without other augmentation."""
+    device = torch.device(device) if device is not None else images.device
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size].to(device, non_blocking=True).float().div_(255)
+        yield (x - mean_t) / std_t
 
 
 @torch.no_grad()
@@ -34,20 +89,16 @@ def extract_features(
     """Backbone features ``(N, D)`` in float32 of uint8 images ``(N, 3, H, W)``, in eval mode.
 
     Images are scaled to ``[0, 1]`` and normalized with ``mean``/``std`` (those of training),
-    without other augmentation. The backbone's train/eval mode is restored afterwards. A backbone
+    without other augmentation (:func:`normalized_batches`). The backbone's train/eval mode is restored afterwards. A backbone
     compiled for training (:mod:`or_core.compiling`) runs eagerly here.
     """
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     was_training = backbone.training
     backbone.eval()
     out = []
     try:
         with eager(backbone):
-            for start in range(0, images.shape[0], batch_size):
-                x = images[start : start + batch_size].to(device, non_blocking=True).float().div_(255)
-                x = (x - mean_t) / std_t
+            for x in normalized_batches(images, mean, std, batch_size, device):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                     out.append(backbone(x).flatten(start_dim=1).float())
     finally:
@@ -134,3 +185,138 @@ def linear_probe_accuracy(
         top5 = min(5, num_classes)
         accuracy = mean_topk_accuracy(predicted, test_labels.to(device), k=(1, top5))
     return {"top1": accuracy[1].item(), "top5": accuracy[top5].item()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The final evaluation of a run
+# ----------------------------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or ``cpu (<processor>, <n> threads)``: the ``device`` of a summary."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def evaluate_run(run: Run, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """The summary of a trained run: kNN and linear probe of the final backbone, collapse
+    scalars (effective rank, RankMe, std of the l2-normalized features of the test images, the
+    SO penalty of the regularized weights), timing, and the code's :func:`~or_core.provenance.versions`."""
+    cfg = run.cfg
+    root = Path(os.path.expanduser(cfg.data_root))
+    backbone = run.method.backbone
+    train_feats, train_labels, num_classes = _split_features(run, root, "train", cfg.eval_train_subset)
+    test_feats, test_labels, _ = _split_features(run, root, "test", cfg.eval_test_subset)
+    require_finite(train_feats, "the features of the evaluation's training images")
+    require_finite(test_feats, "the features of the evaluation's test images")
+    knn = knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, cfg.knn_k, cfg.knn_t)
+    linear = linear_probe_accuracy(
+        train_feats, train_labels, test_feats, test_labels, num_classes, epochs=cfg.linear_epochs, seed=cfg.seed
+    )
+    val = _validation_knn(run, root)
+    with torch.no_grad():
+        so_total = sum(so_penalty(w.detach()).item() for _, w in regularized_weights(backbone))
+    regularizer = run.method.regularizer
+    code = versions()
+    return {
+        "method": cfg.method,
+        "regularizer": cfg.regularizer,
+        "gamma": regularizer.gamma if regularizer is not None else None,
+        "backbone": cfg.backbone,
+        "width": cfg.width,
+        "dataset": cfg.dataset,
+        "profile": cfg.profile,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "train_images": run.train_size,
+        "image_size": run.image_size,
+        "seed": cfg.seed,
+        "knn_k": cfg.knn_k,
+        "knn_t": cfg.knn_t,
+        "knn_top1": knn["top1"],
+        "knn_top5": knn["top5"],
+        "linear_top1": linear["top1"],
+        "linear_top5": linear["top5"],
+        "eval_train_images": len(train_labels),
+        "eval_test_images": len(test_labels),
+        "val_knn_top1": val["top1"] if val else None,
+        "val_images": cfg.val_images if val else None,
+        "effective_rank": effective_rank(test_feats),
+        "rankme": rankme(test_feats),
+        "std_of_l2_normalized": std_of_l2_normalized(test_feats).item(),
+        "or_so_total": so_total,
+        "final_ssl_loss": history[-1]["ssl_loss"] if history else math.nan,
+        "wall_time_s": wall,
+        "images_per_s": run.steps_per_epoch * cfg.batch_size * cfg.epochs / wall if wall > 0 else math.nan,
+        "device": device_name(run.device),
+        "torch": code["torch"],
+        "lightly": code["lightly"],
+        "python": code["python"],
+        "git_commit": code["git_commit"],
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _split_features(run: Run, root: Path, split: str, subset: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Frozen backbone features, labels and class count of a split (a class-balanced subset of
+    ``subset`` images if given). Resident runs decode the split into the tensor cache; a
+    streaming run streams it through DataLoader workers (only the features stay in memory)."""
+    cfg, backbone = run.cfg, run.method.backbone
+    features = lambda images: extract_features(backbone, images, run.mean, run.std, device=run.device, amp=cfg.amp)  # noqa: E731
+    if not cfg.stream:
+        data = load_split(cfg.dataset, split, root, cfg.image_size, subset, cfg.seed)
+        return features(data.images), data.labels, data.num_classes
+    loader = streaming_loader(
+        resolve_dataset(cfg.dataset, root).root, run.image_size, 256, cfg.num_workers, shuffle=False, split=split,
+        seed=cfg.seed, subset=subset,
+    )
+    feats, labels = [], []
+    for images, y in loader:
+        feats.append(features(images))
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels), len(loader.dataset.classes)
+
+
+def _validation_knn(run: Run, root: Path) -> dict[str, float] | None:
+    """kNN top-1 of held-out training images (:func:`or_core.data.load_holdout`) against the
+    pretraining images: the number hyper-parameters are chosen on. ``None`` without a
+    ``val_images`` setting or when the run trains on the whole training split."""
+    cfg = run.cfg
+    if not cfg.val_images or cfg.subset is None or run.train is None:
+        return None
+    holdout = load_holdout(cfg.dataset, cfg.val_images, cfg.subset, cfg.seed, root, cfg.image_size)
+    backbone = run.method.backbone
+    bank = extract_features(backbone, run.train.images, run.mean, run.std, device=run.device, amp=cfg.amp)
+    queries = extract_features(backbone, holdout.images, run.mean, run.std, device=run.device, amp=cfg.amp)
+    return knn_accuracy(
+        bank, run.train.labels.to(bank.device), queries, holdout.labels.to(bank.device),
+        holdout.num_classes, cfg.knn_k, cfg.knn_t,
+    )
+
+
+def evaluate_dir(out: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Re-evaluate the last checkpoint of the run in ``out`` and rewrite its ``summary.json``.
+
+    The run's config is the checkpoint's own (``config.yaml`` only for checkpoints without
+    one); ``overrides`` change its evaluation fields (``eval_train_subset``,
+    ``eval_test_subset``, ``val_images``, ``linear_epochs``, ``knn_k``, ``knn_t``), and sizes
+    larger than the data are clipped to it (:func:`or_core.config.fit_to_data`).
+    """
+    out = Path(out)
+    if not out.is_dir():
+        raise MissingPathError(f"run directory not found: {out}")
+    state = load_checkpoint(out / CHECKPOINT_FILE)
+    if state is None:
+        raise MissingPathError(f"{out} has no {CHECKPOINT_FILE} to evaluate: train it first (python -m or_core pretrain --out {out})")
+    saved = saved_config(out, state)
+    overrides = dict(overrides or {})
+    not_evaluation = sorted(set(overrides) - set(EVALUATION_FIELDS))
+    if not_evaluation:
+        raise ConfigError(f"evaluate changes only {', '.join(EVALUATION_FIELDS)}; not {not_evaluation}")
+    cfg = fit_to_data(PretrainConfig.from_dict({**saved, **overrides}, str(out / CHECKPOINT_FILE)))
+    run = build_run(cfg)
+    run.method.load_state_dict(state["method"])
+    check_finite_weights(run.method, f"in {out / CHECKPOINT_FILE} (epoch {state['epoch']})")
+    summary = evaluate_run(run, state["history"], state["train_wall_time_s"])
+    summary["evaluated_epoch"] = state["epoch"]
+    write_summary(out, summary)
+    return summary

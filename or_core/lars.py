@@ -29,7 +29,7 @@ For a parameter ``p`` with gradient ``g`` in a group with weight decay ``wd``, t
 Which parameters are adapted: with ``exclude_bias_n_norm=False`` (lightly's rule) every parameter
 of a group whose weight decay is not 0; with ``exclude_bias_n_norm=True`` (solo-learn's rule)
 every parameter that is not one-dimensional (biases and normalization weights), whatever its
-group's weight decay. With the groups that ``or_core.train.build_optimizer`` makes (biases and
+group's weight decay. With the groups that ``or_core.optim.build_optimizer`` makes (biases and
 normalization parameters, all one-dimensional, in a group without weight decay) both rules
 adapt the same parameters.
 """

@@ -1,9 +1,18 @@
-"""The book's figures: small matplotlib / seaborn functions, each returning its ``Figure``.
+"""The book's figures, all of them: small matplotlib / seaborn functions, each returning its ``Figure``.
 
 Plotting only: every function takes numbers that were computed elsewhere (by
-:mod:`or_core.diagnostics`, :mod:`or_core.orthogonality` or a notebook cell) and draws them. The
-figures follow He, Du & Ma (NeurIPS 2024): spectra are sorted in descending order, divided by
-their largest value and drawn on a log scale.
+:mod:`or_core.diagnostics`, :mod:`or_core.orthogonality`, a notebook cell, the records' tables
+of :mod:`or_core.report` or the run directories of :mod:`or_core.run_dirs`) and draws them.
+The figures follow He, Du & Ma (NeurIPS 2024): spectra are sorted in descending order, divided
+by their largest value and drawn on a log scale.
+
+* numbers in hand: :func:`plot_spectra`, :func:`plot_curves`,
+  :func:`plot_singular_value_trajectories`, :func:`plot_power_iteration`, :func:`plot_or_cost`,
+  :func:`plot_spectra_panels`, :func:`plot_dose_response`;
+* from result records, each titled with their scale: :func:`figure2`, :func:`spectra_figure`,
+  :func:`stage_spectra_figure`, :func:`save_spectra_figure`, :func:`gamma_response`,
+  :func:`overhead_figure`;
+* from run directories: :func:`history_figure`.
 
 Example::
 
@@ -20,13 +29,19 @@ figure once when the cell ends.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
+
+from or_core import report
+from or_core.run_dirs import HISTORY_LABELS, RunDir
 
 __all__ = [
     "plot_spectra",
@@ -36,6 +51,13 @@ __all__ = [
     "plot_or_cost",
     "plot_spectra_panels",
     "plot_dose_response",
+    "gamma_response",
+    "spectra_figure",
+    "figure2",
+    "save_spectra_figure",
+    "stage_spectra_figure",
+    "overhead_figure",
+    "history_figure",
 ]
 
 #: Seaborn style of every figure (a white grid, light enough for log-scale decay plots).
@@ -482,4 +504,142 @@ def plot_dose_response(
         if series:
             ax.set_xscale("log")
         _finish(ax, xlabel, ylabel, title, bool(series or baselines))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures of result records (what is drawn: or_core.report)
+# ----------------------------------------------------------------------------------------------
+def gamma_response(
+    frame: pd.DataFrame,
+    method: str = "byol",
+    dataset: str = "cifar10",
+    metrics: Sequence[str] = ("val_knn_top1", "knn_top1"),
+) -> Figure:
+    """Dose-response of gamma (:func:`or_core.report.gamma_response_panels` of a
+    :func:`~or_core.report.records_frame`): each metric against gamma (log scale), one line per
+    regularizer, paper-grid gammas filled, gammas outside the grid hollow, the chosen gamma
+    ringed, the run without OR as a dashed line. One panel per metric.
+
+    Every seed recorded counts: a point (and the dashed line) is the mean over the seeds of
+    that gamma, with a bar (a band) from the smallest to the largest of them where there are
+    several, as the title says."""
+    panels, title = report.gamma_response_panels(frame, method, dataset, metrics)
+    with sns.axes_style(STYLE):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.0), layout="constrained", squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        plot_dose_response(**panel, ax=ax)
+    fig.suptitle(title, fontsize="medium")
+    return fig
+
+
+def spectra_figure(
+    records: Sequence[Mapping[str, Any]],
+    kind: str = "weights",
+    runs: report.Runs | None = None,
+    layers: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Figure 2 analogue for one kind of spectrum, one line per run (default
+    :func:`or_core.report.figure2_runs`): normalized eigenvalues, descending, log scale; a run
+    with several seeds is their mean with a band from the smallest to the largest value (the
+    title says so).
+
+    ``kind``: ``"weights"`` (Gram spectra; one panel per layer of ``layers``, default the last
+    convolution of each stage), ``"hidden"`` (covariance of each stage's pooled output; one
+    panel per stage) or ``"representation"`` (one panel). The title states the records' scale.
+    ``runs``: ``{label: record}`` or ``{label: [records of its seeds]}``
+    (:func:`or_core.report.spectra_panels`).
+    """
+    panels, title = report.spectra_panels(records, kind, runs, layers, title)
+    return plot_spectra_panels(panels, title)
+
+
+def figure2(
+    records: Sequence[Mapping[str, Any]],
+    runs: report.Runs | None = None,
+    weight_layer: str | None = None,
+    hidden_layer: str | None = None,
+    title: str | None = None,
+) -> Figure:
+    """The main Figure 2 analogue in three panels: a weight's Gram spectrum, a hidden stage's
+    feature spectrum and the representation's, for BYOL, BYOL + whitening and BYOL + OR.
+
+    ``weight_layer`` defaults to the last convolution of the last stage (``layer4.1.conv2``),
+    ``hidden_layer`` to the last stage but one (``layer3``), whose output is not the
+    representation itself. A run with several seeds is drawn as their mean with a min-max
+    band (:func:`or_core.report.figure2_panels`)."""
+    panels, title = report.figure2_panels(records, runs, weight_layer, hidden_layer, title)
+    return plot_spectra_panels(panels, title, ncols=3)
+
+
+def save_spectra_figure(
+    records: Sequence[Mapping[str, Any]],
+    fallback: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    expected: str = "cpu-small",
+    dpi: int = 130,
+) -> Figure:
+    """:func:`figure2` of ``records`` (of scale ``expected``) saved as ``path``, the README's
+    figure. When ``records`` hold none of its runs, ``fallback``'s are drawn instead and the
+    title says so (:func:`or_core.report.spectra_fallback`)."""
+    records, title = report.spectra_fallback(records, fallback, expected)
+    fig = figure2(records, title=title)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def stage_spectra_figure(
+    records: Sequence[Mapping[str, Any]], runs: report.Runs | None = None, title: str | None = None
+) -> Figure:
+    """Figure 3 analogue: the hidden-feature spectrum of each ResNet stage (one panel per
+    stage), without OR, with SO and with SRIP (default :func:`or_core.report.figure3_runs`,
+    every seed: mean and min-max band). The last stage's pooled output is the representation
+    itself."""
+    runs = report.figure3_runs(records) if runs is None else runs
+    return spectra_figure(records, "hidden", runs=runs, title=report.stage_spectra_title(runs, title))
+
+
+def overhead_figure(benchmark: Mapping[str, Any], measurement: int = 0) -> Figure:
+    """Seconds of the OR term alone per variant (naive and fast SO and SRIP), of one
+    measurement of the benchmark, titled with its scale (:func:`or_core.report.overhead_times`)."""
+    times, title = report.overhead_times(benchmark, measurement)
+    if not times:
+        return plot_spectra_panels({}, title)
+    return plot_or_cost(times, title, unit="ms")
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures of run directories (read by or_core.run_dirs)
+# ----------------------------------------------------------------------------------------------
+def history_figure(
+    runs: Sequence[RunDir],
+    metrics: Sequence[str] = ("effective_rank", "ssl_loss"),
+    title: str | None = None,
+) -> Figure:
+    """Per-epoch curves of ``runs``, one panel per metric of ``metrics`` (keys of
+    ``metrics.jsonl``, see :data:`or_core.run_dirs.HISTORY_LABELS`), one line per run, against
+    the epoch. ``title`` goes above the panels (say the scale there). Without runs, each panel
+    says "no data yet"."""
+    unknown = [m for m in metrics if m not in HISTORY_LABELS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(HISTORY_LABELS)}")
+    with sns.axes_style(STYLE):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 3.8), squeeze=False)
+    colors = sns.color_palette(PALETTE, max(len(runs), 1))
+    for ax, metric in zip(axes[0], metrics):
+        ax.set_title(HISTORY_LABELS[metric])
+        if not runs:
+            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
+            continue
+        for run, color in zip(runs, colors):
+            values = [e.get(metric, float("nan")) for e in run.history]
+            ax.plot(range(1, len(values) + 1), values, label=run.label, color=color, lw=1.4)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(HISTORY_LABELS[metric])
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     return fig

@@ -1,7 +1,8 @@
-"""Tables, figures and claim checks made from result records (``results/**/*.json``).
+"""Tables, the data of figures, and claim checks made from result records (``results/**/*.json``).
 
-Every table and figure of notebooks 03 and 05 comes from here; the notebooks only call these
-functions. Each record is one run of an experiment matrix (:mod:`or_core.experiments`): its
+Every table of notebooks 03 and 05 comes from here, and what each of their figures draws
+(:mod:`or_core.plots` draws it); the notebooks only call these functions. Nothing here imports
+matplotlib or the training code: records are read and turned into tables. Each record is one run of an experiment matrix (:mod:`or_core.experiments`): its
 config, summary numbers, collapse spectra, transfer probes and the scale it was made at.
 
 * :func:`load_folder`, :func:`matrix_records`: records from disk; :func:`records_frame`: one
@@ -10,9 +11,10 @@ config, summary numbers, collapse spectra, transfer probes and the scale it was 
   :func:`paired_summary`, :func:`transfer_table`, :func:`overhead_table`,
   :func:`matrix_runs`, :func:`missing_runs`, :func:`folders_summary`: tables (shown with
   :func:`styled`);
-* :func:`gamma_response`, :func:`spectra_figure`, :func:`figure2`,
-  :func:`save_spectra_figure`, :func:`stage_spectra_figure`, :func:`overhead_figure`: figures,
-  each titled with the scale of its records;
+* :func:`gamma_response_panels`, :func:`spectra_panels`, :func:`figure2_panels`,
+  :func:`spectra_fallback`, :func:`stage_spectra_title`, :func:`overhead_times`: what the
+  figures of :mod:`or_core.plots` draw (``plots.gamma_response``, ``plots.figure2``, ...), each
+  titled with the scale of its records;
 * :func:`claims`: the paper's claims, each per comparison (runs that share method, data set
   and regularizer, paired by seed) with the mean paired difference, its 95% interval and a
   verdict computed from them (:mod:`or_core.stats`, never typed in); :func:`claim_lines`,
@@ -20,13 +22,13 @@ config, summary numbers, collapse spectra, transfer probes and the scale it was 
 
 Example (from the repository root)::
 
-    from or_core import report
+    from or_core import plots, report
 
     records = report.load_folder("results/matrix_cpu")
     frame = report.records_frame(records)
     report.accuracy_table(frame)
     report.claims(frame, records)[list(report.CLAIM_COLUMNS)]
-    fig = report.figure2(records)
+    fig = plots.figure2(records)
 
 A matrix that is only partly recorded is fine everywhere: a missing run leaves a gap (``NaN``),
 an empty panel says "no data yet", and a claim without numbers gets the verdict "no data yet".
@@ -46,14 +48,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
-from matplotlib.figure import Figure
 
-from or_core import plots, stats
-from or_core.experiments import load_matrix, run_matrix
+from or_core import stats
+from or_core.matrix import load_matrix, pending_runs
 from or_core.records import load_records
 
 __all__ = [
@@ -74,7 +73,7 @@ __all__ = [
     "select_runs",
     "accuracy_table",
     "gamma_table",
-    "gamma_response",
+    "gamma_response_panels",
     "table1",
     "paired_seeds",
     "paired_summary",
@@ -82,10 +81,10 @@ __all__ = [
     "transfer_table",
     "figure2_runs",
     "figure3_runs",
-    "spectra_figure",
-    "figure2",
-    "save_spectra_figure",
-    "stage_spectra_figure",
+    "spectra_panels",
+    "figure2_panels",
+    "spectra_fallback",
+    "stage_spectra_title",
     "SEED_BANDS",
     "verdict",
     "VERDICT_RULE",
@@ -103,7 +102,7 @@ __all__ = [
     "load_folder",
     "matrix_records",
     "overhead_table",
-    "overhead_figure",
+    "overhead_times",
 ]
 
 #: The accuracy numbers of a record's summary: kNN and linear probe, top-1 and top-5.
@@ -162,7 +161,7 @@ def hidden_stages(hidden: Mapping[str, Sequence[float]]) -> dict[str, Sequence[f
     """The hidden-feature spectra of a record without its last stage.
 
     A record's ``collapse["hidden"]`` holds the pooled output of every stage
-    (:func:`or_core.records.collapse_spectra`: a ResNet's layer1 ... layer4). The pooled output
+    (:func:`or_core.measure.collapse_spectra`: a ResNet's layer1 ... layer4). The pooled output
     of the last stage is the encoder's output, so its spectrum is the representation's (the
     records store it twice); a hidden-feature measure that kept it would count the
     representation again. ``{}`` when the record has one stage or none.
@@ -454,26 +453,24 @@ def _seeds_text(n: int) -> str:
     return f" (mean of {n} seeds)" if n > 1 else ""
 
 
-def gamma_response(
+def gamma_response_panels(
     frame: pd.DataFrame,
     method: str = "byol",
     dataset: str = "cifar10",
     metrics: Sequence[str] = ("val_knn_top1", "knn_top1"),
-) -> Figure:
-    """Dose-response of gamma: each metric against gamma (log scale), one line per regularizer,
-    paper-grid gammas filled, gammas outside the grid hollow, the chosen gamma ringed, the run
-    without OR as a dashed line. One panel per metric.
+) -> tuple[list[dict[str, Any]], str]:
+    """What :func:`or_core.plots.gamma_response` draws: one panel per metric (the arguments of
+    :func:`or_core.plots.plot_dose_response`), and the figure's title.
 
-    Every seed recorded counts: a point (and the dashed line) is the mean over the seeds of
-    that gamma, with a bar (a band) from the smallest to the largest of them where there are
-    several, as the title says."""
+    Each metric against gamma, one series per regularizer: per gamma the mean over the seeds
+    recorded and the smallest and largest of them, whether the gamma lies outside the paper's
+    grid, the gamma chosen on validation; the run without OR as a baseline (mean, min, max)."""
     runs = frame[(frame["method"] == method) & (frame["dataset"] == dataset)]
     base = runs[runs["regularizer"] == "none"]
     regularized = runs[runs["regularizer"] != "none"]
     several = False
-    with sns.axes_style(plots.STYLE):
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.0), layout="constrained", squeeze=False)
-    for ax, metric in zip(axes.flat, metrics):
+    panels = []
+    for metric in metrics:
         series, chosen, spread = {}, {}, {}
         for reg, part in _over_seeds(regularized, ["regularizer", "gamma"], metric).groupby("regularizer", sort=True):
             label = f"{method} + {_LABELS.get(reg, reg)}"
@@ -489,15 +486,15 @@ def gamma_response(
             baselines[label] = float(values.mean())
             baseline_spread[label] = (float(values.min()), float(values.max()))
             several |= len(values) > 1
-        name = _METRIC_NAMES.get(metric, metric)
-        plots.plot_dose_response(series, name, baselines=baselines, chosen=chosen, spread=spread,
-                                 baseline_spread=baseline_spread, xlabel="gamma", ylabel=metric, ax=ax)
+        panels.append({
+            "series": series, "title": _METRIC_NAMES.get(metric, metric), "baselines": baselines, "chosen": chosen,
+            "spread": spread, "baseline_spread": baseline_spread, "xlabel": "gamma", "ylabel": metric,
+        })
     bands = ("\n(points and dashed line: mean over the seeds recorded; bars and band: min to max over them)"
              if several else "")
-    fig.suptitle(f"{method} on {dataset}: accuracy against gamma {_scale_tag(runs)}\n"
-                 f"(filled: the paper's grid; hollow: outside it; ringed: chosen on validation){bands}",
-                 fontsize="medium")
-    return fig
+    title = (f"{method} on {dataset}: accuracy against gamma {_scale_tag(runs)}\n"
+             f"(filled: the paper's grid; hollow: outside it; ringed: chosen on validation){bands}")
+    return panels, title
 
 
 def _pick(frame: pd.DataFrame, records: Sequence[Mapping[str, Any]], wanted: Mapping[str, tuple[str, str]],
@@ -578,21 +575,20 @@ def _names(collapse: Mapping[str, Sequence[Mapping[str, Any]]], kind: str) -> li
     return list(dict.fromkeys(n for seeds in collapse.values() for c in seeds for n in (c.get(kind) or {})))
 
 
-def spectra_figure(
+def spectra_panels(
     records: Sequence[Mapping[str, Any]],
     kind: str = "weights",
     runs: Runs | None = None,
     layers: Sequence[str] | None = None,
     title: str | None = None,
-) -> Figure:
-    """Figure 2 analogue for one kind of spectrum, one line per run (default
-    :func:`figure2_runs`): normalized eigenvalues, descending, log scale; a run with several
-    seeds is their mean with a band from the smallest to the largest value (the title says so).
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """What :func:`or_core.plots.spectra_figure` draws: ``{panel: {run label: spectra over
+    its seeds}}`` of one kind of spectrum, and the title (with the records' scale).
 
-    ``kind``: ``"weights"`` (Gram spectra; one panel per layer of ``layers``, default the last
-    convolution of each stage), ``"hidden"`` (covariance of each stage's pooled output; one
-    panel per stage) or ``"representation"`` (one panel). The title states the records' scale.
-    ``runs``: ``{label: record}`` or ``{label: [records of its seeds]}``.
+    One line per run (default :func:`figure2_runs`). ``kind``: ``"weights"`` (Gram spectra; one
+    panel per layer of ``layers``, default the last convolution of each stage), ``"hidden"``
+    (covariance of each stage's pooled output; one panel per stage) or ``"representation"``
+    (one panel). ``runs``: ``{label: record}`` or ``{label: [records of its seeds]}``.
     """
     if kind not in ("weights", "hidden", "representation"):
         raise ValueError(f"kind must be 'weights', 'hidden' or 'representation', got {kind!r}")
@@ -605,24 +601,23 @@ def spectra_figure(
         chosen = list(layers) if layers is not None else (_stage_last_convs(available) if kind == "weights" else available)
         panels = {layer: _panel(collapse, kind, layer) for layer in chosen}
     what = {"weights": "weight Gram", "hidden": "hidden-feature covariance", "representation": "representation covariance"}
-    title = _titled(title or f"Eigenvalue spectra of {what[kind]} matrices", runs)
-    return plots.plot_spectra_panels(panels, title)
+    return panels, _titled(title or f"Eigenvalue spectra of {what[kind]} matrices", runs)
 
 
-def figure2(
+def figure2_panels(
     records: Sequence[Mapping[str, Any]],
     runs: Runs | None = None,
     weight_layer: str | None = None,
     hidden_layer: str | None = None,
     title: str | None = None,
-) -> Figure:
-    """The main Figure 2 analogue in three panels: a weight's Gram spectrum, a hidden stage's
-    feature spectrum and the representation's, for BYOL, BYOL + whitening and BYOL + OR.
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """What :func:`or_core.plots.figure2` draws, three panels: a weight's Gram spectrum, a
+    hidden stage's feature spectrum and the representation's, for BYOL, BYOL + whitening and
+    BYOL + OR (default :func:`figure2_runs`), and the title.
 
     ``weight_layer`` defaults to the last convolution of the last stage (``layer4.1.conv2``),
     ``hidden_layer`` to the last stage but one (``layer3``), whose output is not the
-    representation itself. A run with several seeds is drawn as their mean with a min-max
-    band (:func:`spectra_figure`)."""
+    representation itself."""
     runs = figure2_runs(records) if runs is None else runs
     collapse = _collapse(runs)
     weights, stages = _names(collapse, "weights"), _names(collapse, "hidden")
@@ -633,39 +628,23 @@ def figure2(
         f"hidden features: {hidden_layer}": _panel(collapse, "hidden", hidden_layer),
         "representation": _panel(collapse, "representation"),
     }
-    title = _titled(title or f"Figure 2 analogue: BYOL on CIFAR-10, {_backbone_text(runs)}", runs)
-    return plots.plot_spectra_panels(panels, title, ncols=3)
+    return panels, _titled(title or f"Figure 2 analogue: BYOL on CIFAR-10, {_backbone_text(runs)}", runs)
 
 
-def save_spectra_figure(
-    records: Sequence[Mapping[str, Any]],
-    fallback: Sequence[Mapping[str, Any]],
-    path: str | Path,
-    expected: str = "cpu-small",
-    dpi: int = 130,
-) -> Figure:
-    """:func:`figure2` of ``records`` (of scale ``expected``) saved as ``path``, the README's
-    figure. When ``records`` hold none of its runs, ``fallback``'s are drawn instead and the
-    title says so."""
-    title = None
+def spectra_fallback(
+    records: Sequence[Mapping[str, Any]], fallback: Sequence[Mapping[str, Any]], expected: str = "cpu-small"
+) -> tuple[Sequence[Mapping[str, Any]], str | None]:
+    """The records the README's Figure 2 is drawn from, and its title: ``records`` (title
+    ``None``, the default) when they hold a run of :func:`figure2_runs`, else ``fallback``'s,
+    with a title that says so."""
     if not figure2_runs(records) and figure2_runs(fallback):
-        records = fallback
-        title = f"Figure 2 analogue, FALLBACK: no {expected} records yet, the {scale_label(fallback)} records instead"
-    fig = figure2(records, title=title)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return fig
+        return fallback, f"Figure 2 analogue, FALLBACK: no {expected} records yet, the {scale_label(fallback)} records instead"
+    return records, None
 
 
-def stage_spectra_figure(
-    records: Sequence[Mapping[str, Any]], runs: Runs | None = None, title: str | None = None
-) -> Figure:
-    """Figure 3 analogue: the hidden-feature spectrum of each ResNet stage (one panel per
-    stage), without OR, with SO and with SRIP (default :func:`figure3_runs`, every seed: mean
-    and min-max band). The last stage's pooled output is the representation itself."""
-    runs = figure3_runs(records) if runs is None else runs
-    title = _titled(title or f"Figure 3 analogue: hidden features per stage, BYOL on CIFAR-10, {_backbone_text(runs)}", runs)
-    return spectra_figure(records, "hidden", runs=runs, title=title)
+def stage_spectra_title(runs: Runs, title: str | None = None) -> str:
+    """The title of the Figure 3 analogue (:func:`or_core.plots.stage_spectra_figure`) of ``runs``."""
+    return _titled(title or f"Figure 3 analogue: hidden features per stage, BYOL on CIFAR-10, {_backbone_text(runs)}", runs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -990,8 +969,8 @@ def styled(table: pd.DataFrame, digits: int = 3) -> Any:
 # Bookkeeping: runs still missing, the OR-overhead benchmark
 # ----------------------------------------------------------------------------------------------
 def missing_runs(matrix: str | Path, results: str | Path | None = None) -> pd.DataFrame:
-    """The runs of a matrix file without a record yet (a dry run of
-    :func:`or_core.experiments.run_matrix`; nothing is trained or written). A run whose gamma is
+    """The runs of a matrix file without a record yet (:func:`or_core.matrix.pending_runs`, the
+    dry run of :func:`or_core.experiments.run_matrix`; nothing is trained or written). A run whose gamma is
     still to be chosen appears with ``chosen`` in its name. A missing matrix file gives an
     empty table."""
     columns = ["name", "groups"]
@@ -999,7 +978,7 @@ def missing_runs(matrix: str | Path, results: str | Path | None = None) -> pd.Da
         return pd.DataFrame(columns=columns)
     spec = load_matrix(matrix, results)
     groups = {e.name: ", ".join(e.groups) for e in spec.experiments}
-    pending = run_matrix(matrix, results=results, dry_run=True)
+    pending = pending_runs(spec)
     rows = []
     for name in pending:
         key = name if name in groups else next((n for n in groups if _same_run(n, name)), name)
@@ -1066,14 +1045,11 @@ def overhead_table(benchmark: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).set_index(["measurement", "variant"])
 
 
-def overhead_figure(benchmark: Mapping[str, Any], measurement: int = 0) -> Figure:
-    """Seconds of the OR term alone per variant (naive and fast SO and SRIP), of one
-    measurement of the benchmark, titled with its scale."""
+def overhead_times(benchmark: Mapping[str, Any], measurement: int = 0) -> tuple[dict[str, list[float]], str]:
+    """What :func:`or_core.plots.overhead_figure` draws: ``{variant: [seconds of the OR term
+    alone]}`` of one measurement of the benchmark, and the title (with its scale)."""
     runs = benchmark.get("runs", [])
     run = runs[measurement] if len(runs) > measurement else {}
     times = {variant: [seconds] for variant, seconds in (run.get("or_only_s") or {}).items()}
     scale = textwrap.fill(str(benchmark.get("scale", "unknown scale")), 60)
-    title = f"OR term alone, per step: {run.get('label', 'no data yet')}\n[{scale}]"
-    if not times:
-        return plots.plot_spectra_panels({}, title)
-    return plots.plot_or_cost(times, title, unit="ms")
+    return times, f"OR term alone, per step: {run.get('label', 'no data yet')}\n[{scale}]"

@@ -2,46 +2,42 @@
 
 ``python -m or_core pretrain --out DIR`` leaves ``config.yaml``, ``metrics.jsonl`` (one line
 per epoch) and, once the final evaluation has run, ``summary.json`` in ``DIR``
-(:mod:`or_core.train`). The matrices' records (:mod:`or_core.records`) are the book's main
+(:mod:`or_core.run_files`). The matrices' records (:mod:`or_core.records`) are the book's main
 evidence; this module shows the runs made outside a matrix, such as the short gpu-profile runs
 under ``results/gpu_runs/``, without retraining anything:
 
 * :func:`load_run_dirs`: every run directory under a folder, finished or not;
 * :func:`run_dirs_table`: one row per run (its setting, throughput, final accuracy);
-* :func:`history_figure`: per-epoch curves of the runs (effective rank of the fixed probe
-  batch, SSL loss, ...), one panel per metric.
+* :func:`or_core.plots.history_figure` draws their per-epoch curves (effective rank of the
+  fixed probe batch, SSL loss, ...), one panel per metric.
 
 Example (from the repository root)::
 
-    from or_core import run_dirs
+    from or_core import plots, run_dirs
 
     runs = run_dirs.load_run_dirs("results/gpu_runs")
     run_dirs.run_dirs_table(runs)
-    fig = run_dirs.history_figure(runs)
+    fig = plots.history_figure(runs)
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import pandas as pd
-import seaborn as sns
-from matplotlib.figure import Figure
 
-from or_core import plots
 from or_core.compiling import compile_mode
 from or_core.config import load_yaml
-from or_core.train import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+from or_core.run_files import CONFIG_FILE, METRICS_FILE, read_metrics, read_summary
 
-__all__ = ["RunDir", "load_run_dirs", "run_dirs_table", "history_figure", "HISTORY_LABELS"]
+__all__ = ["RunDir", "load_run_dirs", "run_dirs_table", "HISTORY_LABELS"]
 
-#: Per-epoch keys of ``metrics.jsonl`` that :func:`history_figure` can draw, with axis labels.
+#: Per-epoch keys of ``metrics.jsonl`` that :func:`or_core.plots.history_figure` can draw, with
+#: axis labels.
 HISTORY_LABELS = {
     "effective_rank": "effective rank (fixed probe batch)",
     "std_of_l2_normalized": "std of the l2-normalized representation",
@@ -88,13 +84,12 @@ def load_run_dirs(folder: str | Path) -> list[RunDir]:
     for path in sorted(p for p in root.iterdir() if p.is_dir()):
         if not ((path / CONFIG_FILE).is_file() and (path / METRICS_FILE).is_file()):
             continue
-        summary_path = path / SUMMARY_FILE
         runs.append(RunDir(
             name=path.name,
             path=path,
             config=load_yaml(path / CONFIG_FILE),
             history=read_metrics(path),
-            summary=json.loads(summary_path.read_text()) if summary_path.is_file() else None,
+            summary=read_summary(path),
         ))
     return runs
 
@@ -128,35 +123,3 @@ def run_dirs_table(runs: Sequence[RunDir]) -> pd.DataFrame:
             "finished": run.finished,
         })
     return pd.DataFrame(rows, columns=columns).set_index("run")
-
-
-def history_figure(
-    runs: Sequence[RunDir],
-    metrics: Sequence[str] = ("effective_rank", "ssl_loss"),
-    title: str | None = None,
-) -> Figure:
-    """Per-epoch curves of ``runs``, one panel per metric of ``metrics`` (keys of
-    ``metrics.jsonl``, see :data:`HISTORY_LABELS`), one line per run, against the epoch.
-    ``title`` goes above the panels (say the scale there). Without runs, each panel says
-    "no data yet"."""
-    unknown = [m for m in metrics if m not in HISTORY_LABELS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(HISTORY_LABELS)}")
-    with sns.axes_style(plots.STYLE):
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 3.8), squeeze=False)
-    colors = sns.color_palette(plots.PALETTE, max(len(runs), 1))
-    for ax, metric in zip(axes[0], metrics):
-        ax.set_title(HISTORY_LABELS[metric])
-        if not runs:
-            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
-            continue
-        for run, color in zip(runs, colors):
-            values = [e.get(metric, float("nan")) for e in run.history]
-            ax.plot(range(1, len(values) + 1), values, label=run.label, color=color, lw=1.4)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(HISTORY_LABELS[metric])
-        ax.legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig

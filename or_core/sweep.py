@@ -26,7 +26,10 @@ from typing import Any
 
 from or_core.checkpoint import load_checkpoint
 from or_core.config import PretrainConfig
-from or_core.train import CHECKPOINT_FILE, Run, build_run, evaluate_run, pretrain, read_metrics
+from or_core.evaluate import evaluate_run
+from or_core.run_files import CHECKPOINT_FILE, read_metrics
+from or_core.train import pretrain
+from or_core.training_run import Run, build_run
 
 __all__ = ["UNTRAINED", "SweepRun", "Sweep", "run_folder_name", "run_sweep"]
 

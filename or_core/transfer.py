@@ -34,11 +34,7 @@ without other augmentation: the encoder sees the transfer images as it saw its t
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import json
 import os
-import platform
 import tarfile
 import time
 from collections.abc import Callable
@@ -47,23 +43,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from or_core.augment import method_views
-from or_core.backbones import build_backbone
-from or_core.checkpoint import load_checkpoint, write_text_atomic
-from or_core.config import PretrainConfig
+from or_core.atomic import write_json_atomic
 from or_core.data import DATASET_NAMES, default_data_root, load_split
-from or_core.errors import ConfigError, DataError, MissingPathError, disk_error
+from or_core.errors import ConfigError, DataError, disk_error
 from or_core.evaluate import extract_features, linear_probe_accuracy
-from or_core.methods import build_method
-from or_core.records import git_commit
+from or_core.measure import TrainedRun, load_trained
+from or_core.provenance import provenance
 
-__all__ = ["TRANSFER_SETS", "TransferSet", "TrainedEncoder", "load_transfer_split", "transfer"]
+__all__ = ["TRANSFER_SETS", "TransferSet", "load_transfer_split", "transfer"]
 
 #: Files of a run directory (those of :mod:`or_core.train`).
-_CHECKPOINT_FILE, _SUMMARY_FILE = "checkpoint.pt", "summary.json"
 
 
 @dataclass(frozen=True)
@@ -133,64 +125,6 @@ def _transfer_set(name: str) -> TransferSet:
     return found
 
 
-# ----------------------------------------------------------------------------------------------
-# The trained encoder
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class TrainedEncoder:
-    """The frozen backbone of a run, with the image size and normalization it was trained at."""
-
-    backbone: nn.Module
-    config: PretrainConfig
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    epoch: int
-
-
-def _load_trained(run_dir: Path, device: torch.device) -> TrainedEncoder:
-    """The backbone of ``run_dir/checkpoint.pt``, built from the checkpoint's own config.
-
-    Unlike :func:`or_core.train.evaluate_dir` this builds the method without loading the
-    pretraining data, which need not be on the machine that runs the transfer.
-    """
-    if not run_dir.is_dir():
-        raise MissingPathError(f"run directory not found: {run_dir}; pass the --out folder of a pretrain run")
-    state = load_checkpoint(run_dir / _CHECKPOINT_FILE)
-    if state is None or "config" not in state:
-        raise MissingPathError(
-            f"{run_dir} has no {_CHECKPOINT_FILE} with a config: train it first (python -m or_core pretrain --out {run_dir})"
-        )
-    cfg = PretrainConfig.from_dict(state["config"], str(run_dir / _CHECKPOINT_FILE))
-    image_size = _training_image_size(run_dir, cfg)
-    backbone, feature_dim = build_backbone(cfg.backbone, image_size=image_size, width=cfg.width)
-    method = build_method(cfg.method, backbone, feature_dim, regularizer=cfg.regularizer, gamma=cfg.gamma, **cfg.method_kwargs)
-    method.load_state_dict(state["method"])
-    view = method_views(method.augmentation, image_size, n_local_views=method.num_local_views)[0]
-    view = dataclasses.replace(view, **{k: v for k, v in cfg.augment_overrides.items() if k in ("mean", "std")})
-    return TrainedEncoder(method.backbone.to(device).eval(), cfg, image_size, tuple(view.mean), tuple(view.std), state["epoch"])
-
-
-def _training_image_size(run_dir: Path, cfg: PretrainConfig) -> int:
-    """The side of the training images: the config's, else the run's summary, else CIFAR's 32."""
-    if cfg.image_size is not None:
-        return cfg.image_size
-    summary = run_dir / _SUMMARY_FILE
-    if summary.is_file():
-        size = json.loads(summary.read_text()).get("image_size")
-        if size:
-            return int(size)
-    if str(cfg.dataset).lower() in DATASET_NAMES:
-        return 32
-    raise ConfigError(
-        f"{run_dir} does not say the size of its training images (no image_size in its config or {_SUMMARY_FILE}): "
-        f"evaluate it first (python -m or_core evaluate {run_dir})"
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# The transfer images
-# ----------------------------------------------------------------------------------------------
 def _resize_to_tensor(size: int) -> Callable:
     """PIL image -> uint8 ``(3, size, size)``: shorter side to ``size``, center crop, as the
     ImageFolder data of :mod:`or_core.data`."""
@@ -250,7 +184,7 @@ def _num_classes(dataset: Dataset) -> int:
 
 
 def _features(
-    encoder: TrainedEncoder, dataset: Dataset, device: torch.device, num_workers: int, batch_size: int = 256
+    encoder: TrainedRun, dataset: Dataset, device: torch.device, num_workers: int, batch_size: int = 256
 ) -> tuple[Tensor, Tensor]:
     """Features and labels of a whole split, decoded batch by batch (only features are kept)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -305,7 +239,7 @@ def transfer(
     run_dir = Path(run_dir)
     torch_device = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()
-    encoder = _load_trained(run_dir, torch_device)
+    encoder = load_trained(run_dir, torch_device)
     size = image_size or encoder.image_size
     train_set, num_classes = load_transfer_split(spec.name, True, size, data_root, download, num_workers)
     test_set, _ = load_transfer_split(spec.name, False, size, data_root, download, num_workers)
@@ -313,7 +247,7 @@ def transfer(
     test_feats, test_labels = _features(encoder, test_set, torch_device, num_workers)
     num_classes = max(num_classes, int(train_labels.max()) + 1)
     probe = linear_probe_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, epochs=epochs, seed=seed)
-    cfg = encoder.config
+    cfg = encoder.cfg
     record = {
         "transfer_dataset": spec.name,
         "train_splits": list(spec.train_splits),
@@ -338,11 +272,8 @@ def transfer(
         "feature_dim": train_feats.shape[1],
         "wall_time_s": time.perf_counter() - start,
         "device": str(torch_device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "git_commit": git_commit(),
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "provenance": provenance(wall_time_s=time.perf_counter() - start),
     }
     target = Path(out) if out is not None else run_dir / "transfer" / f"{spec.name}.json"
-    write_text_atomic(target, json.dumps(record, indent=2) + "\n")
+    write_json_atomic(target, record, indent=2)
     return record

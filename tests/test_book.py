@@ -44,6 +44,17 @@ def _source(cell: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # The committed sources
 # ----------------------------------------------------------------------------------------------
+def test_an_executed_notebook_and_a_record_share_their_provenance_keys() -> None:
+    from or_core import book
+    from or_core.records import provenance
+
+    info = book.provenance("cpu", 12.34, "python -m or_core.book --profile cpu")
+    assert set(info) == set(provenance()) | {"profile"}
+    assert info["profile"] == "cpu" and info["wall_time_s"] == 12.3 and info["command"].startswith("python -m or_core.book")
+    note = book._provenance_markdown(info)
+    assert "**cpu** profile" in note and info["date_utc"] in note and info["torch"] in note
+
+
 def test_there_are_notebooks() -> None:
     assert SOURCES, f"no NN_*.ipynb notebooks in {NOTEBOOKS}"
     assert (NOTEBOOKS / "02_or_theory.ipynb") in SOURCES

@@ -33,7 +33,7 @@ def test_compile_setting_values():
 
 
 def test_a_bad_compile_setting_stops_the_run_before_any_data_is_read(tmp_path):
-    from or_core.train import build_run
+    from or_core.training_run import build_run
 
     with pytest.raises(ValueError, match="field 'compile' must be true, false or one of none, default"):
         resolve_config("ci", overrides={"compile": "fastest", "data_root": str(tmp_path / "missing")})

@@ -18,7 +18,9 @@ import yaml
 from torch import nn
 
 from or_core import distributed
+from or_core import evaluate as evaluate_module
 from or_core import train as train_module
+from or_core import training_run as training_run_module
 from or_core.augment import MultiViewAugment
 from or_core.config import PretrainConfig
 from or_core.data import SeededBatchSampler, load_split, load_split_at_most, scan_image_folder, streaming_loader
@@ -245,8 +247,9 @@ def _use_float64_training(patch: Callable[[object, str, object], None] = setattr
     default dtype, :class:`_RowBlockFloat64Augment` as its augmentation, float64 features for
     its evaluation (the two places where the library hands float32 to the model)."""
     torch.set_default_dtype(torch.float64)
-    patch(train_module, "MultiViewAugment", _RowBlockFloat64Augment)
-    patch(train_module, "extract_features", _float64_features)
+    patch(training_run_module, "MultiViewAugment", _RowBlockFloat64Augment)
+    patch(train_module, "extract_features", _float64_features)  # the probe batch of every epoch
+    patch(evaluate_module, "extract_features", _float64_features)  # the final evaluation
 
 
 @pytest.fixture

@@ -14,7 +14,9 @@ import yaml
 from or_core.backbones import build_backbone
 from or_core.data import balanced_subset, load_holdout, load_split
 from or_core.experiments import choose_gamma, load_matrix, run_matrix, run_name
-from or_core.records import collapse_spectra, load_records, provenance, write_record
+from or_core.measure import collapse_spectra
+from or_core.provenance import provenance
+from or_core.records import load_records, write_record
 
 
 @pytest.fixture(scope="module")

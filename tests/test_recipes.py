@@ -18,7 +18,9 @@ from or_core.config import PretrainConfig, resolve_config
 from or_core.lars import LARS
 from or_core.methods import SSLMethod, available_methods, build_method
 from or_core.methods.base import OptimizerDefaults, clip_gradients, recipe_key, schedule_weight_decay
-from or_core.train import Run, build_optimizer, optimization_step
+from or_core.optim import build_optimizer
+from or_core.train import optimization_step
+from or_core.training_run import Run
 
 # lightly's DINO head uses the deprecated torch.nn.utils.weight_norm.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -150,7 +152,10 @@ def bare_run(cfg: PretrainConfig, method: SSLMethod, total_steps: int) -> Run:
 
     optimizer = build_optimizer(method, cfg)
     scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=0, max_epochs=total_steps)
-    return Run(cfg, torch.device("cpu"), method, None, optimizer, scheduler, None, total_steps, (), ())  # type: ignore[arg-type]
+    return Run(  # type: ignore[arg-type]
+        cfg=cfg, device=torch.device("cpu"), method=method, augment=None, optimizer=optimizer, scheduler=scheduler,
+        train=None, steps_per_epoch=total_steps, mean=(), std=(),
+    )
 
 
 def dino_vit() -> SSLMethod:

@@ -3,7 +3,11 @@ verdict can be checked exactly; figures are checked through their axes."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +22,11 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from or_core import report  # noqa: E402
+from or_core import plots, report  # noqa: E402
 from or_core.records import write_record  # noqa: E402
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -327,7 +332,7 @@ def test_hidden_features_leave_out_the_last_stage_which_is_the_representation() 
 # Figures
 # ----------------------------------------------------------------------------------------------
 def test_spectra_figure_is_log_scale_with_one_line_per_run(records: list[dict[str, Any]]) -> None:
-    fig = report.spectra_figure(records, "weights")
+    fig = plots.spectra_figure(records, "weights")
     panels = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in panels] == ["layer1.1.conv2", "layer2.1.conv2"]  # each stage's last conv
     for ax in panels:
@@ -336,7 +341,7 @@ def test_spectra_figure_is_log_scale_with_one_line_per_run(records: list[dict[st
     line = panels[0].get_lines()[0]
     assert line.get_ydata()[0] == 1.0 and len(line.get_xdata()) == 8
 
-    fig = report.figure2(records)
+    fig = plots.figure2(records)
     assert [ax.get_title() for ax in fig.axes] == ["weights: layer2.1.conv2", "hidden features: layer3", "representation"]
     assert all(len(ax.get_lines()) == 3 for ax in fig.axes)
     # BYOL and BYOL + SO have three seeds (the same spectra here): a mean line and a band each
@@ -344,18 +349,18 @@ def test_spectra_figure_is_log_scale_with_one_line_per_run(records: list[dict[st
     assert labels == ["BYOL (mean of 3 seeds)", "BYOL + whitening", "BYOL + SO (gamma 1e-6) (mean of 3 seeds)"]
     assert all(len(ax.collections) == 2 for ax in fig.axes)
     assert report.SEED_BANDS in fig._suptitle.get_text()
-    single = report.figure2(records, runs=report.figure2_runs(records, seed=0))  # one seed: no band, no note
+    single = plots.figure2(records, runs=report.figure2_runs(records, seed=0))  # one seed: no band, no note
     assert all(not ax.collections for ax in single.axes) and report.SEED_BANDS not in single._suptitle.get_text()
-    fig = report.stage_spectra_figure(records)
+    fig = plots.stage_spectra_figure(records)
     assert [ax.get_title() for ax in fig.axes] == list(STAGES)
     assert all(len(ax.get_lines()) == 3 and ax.get_yscale() == "log" for ax in fig.axes)  # none, SO, SRIP
     with pytest.raises(ValueError, match="kind"):
-        report.spectra_figure(records, "gradients")
+        plots.spectra_figure(records, "gradients")
 
 
 def test_figures_of_no_records_say_no_data_yet() -> None:
-    for fig in (report.figure2([]), report.spectra_figure([], "hidden"), report.stage_spectra_figure([]),
-                report.gamma_response(report.records_frame([]))):
+    for fig in (plots.figure2([]), plots.spectra_figure([], "hidden"), plots.stage_spectra_figure([]),
+                plots.gamma_response(report.records_frame([]))):
         texts = [t.get_text() for ax in fig.axes for t in ax.texts]
         assert texts and set(texts) == {"no data yet"}
         assert "no records yet" in fig._suptitle.get_text()
@@ -364,7 +369,7 @@ def test_figures_of_no_records_say_no_data_yet() -> None:
 def test_gamma_response_marks_the_grid_the_choice_and_the_baseline(frame: pd.DataFrame) -> None:
     from matplotlib.collections import LineCollection, PathCollection
 
-    fig = report.gamma_response(frame)
+    fig = plots.gamma_response(frame)
     ax = fig.axes[1]  # test kNN
     assert ax.get_xscale() == "log"
     lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}  # not the caps
@@ -385,9 +390,9 @@ def test_gamma_response_marks_the_grid_the_choice_and_the_baseline(frame: pd.Dat
 def test_save_spectra_figure_falls_back_and_says_so(records: list[dict[str, Any]], tmp_path: Path) -> None:
     ci = [_record(scale="cpu-ci"), _record(method="byol_whitening", scale="cpu-ci")]
     path = tmp_path / "figures" / "spectra.png"
-    fig = report.save_spectra_figure([], ci, path)
+    fig = plots.save_spectra_figure([], ci, path)
     assert path.is_file() and "FALLBACK" in fig._suptitle.get_text() and "cpu-ci" in fig._suptitle.get_text()
-    fig = report.save_spectra_figure(records, ci, path)
+    fig = plots.save_spectra_figure(records, ci, path)
     assert "FALLBACK" not in fig._suptitle.get_text() and "cpu-small" in fig._suptitle.get_text()
 
 
@@ -428,10 +433,10 @@ def test_overhead_table_and_figure() -> None:
     assert table.loc[("quiet", "none"), "step / none (median)"] == 1.0
     assert table.loc[("quiet", "so-fast"), "OR term alone (s)"] == 0.1
     assert math.isnan(table.loc[("quiet", "so-naive"), "step_s"])
-    fig = report.overhead_figure(benchmark)
+    fig = plots.overhead_figure(benchmark)
     assert "cpu (2 cores)" in fig.axes[0].get_title()
     assert report.overhead_table({}).empty
-    report.overhead_figure({})  # no benchmark yet: an empty panel, no error
+    plots.overhead_figure({})  # no benchmark yet: an empty panel, no error
 
 
 def test_claims_summary_states_each_verdict_with_its_intervals(frame: pd.DataFrame, records: list[dict[str, Any]]) -> None:
@@ -451,3 +456,32 @@ def test_claims_summary_states_each_verdict_with_its_intervals(frame: pd.DataFra
     assert report.VERDICT_RULE in text
     empty = report.claims_summary(report.claims(report.records_frame([]), []))
     assert "No data yet" in empty and "Supported" not in empty
+
+
+def test_tables_and_figures_import_nothing_of_training() -> None:
+    """Reading records and making tables loads neither the training code nor matplotlib; the
+    figures add matplotlib, still without the training code (a fresh interpreter: this
+    process has imported everything already)."""
+    script = """
+import json, sys
+from or_core import matrix, records, report, run_dirs, stats
+loaded = lambda names: [n for n in names if n in sys.modules]
+training = ["or_core.train", "or_core.training_run", "or_core.experiments", "or_core.augment", "or_core.data",
+            "or_core.evaluate", "or_core.measure", "or_core.optim", "or_core.campaign"]
+before = loaded(training + ["matplotlib"])
+recs = report.load_folder("results/matrix_ci")
+frame = report.records_frame(recs)
+tables = [report.accuracy_table(frame), report.claims(frame, recs), report.missing_runs("configs/matrix_ci.yaml"),
+          run_dirs.run_dirs_table(run_dirs.load_run_dirs("results/gpu_runs"))]
+after_tables = loaded(training + ["matplotlib"])
+from or_core import plots
+plots.figure2(recs)
+print(json.dumps({"records": len(recs), "rows": [len(t) for t in tables], "before": before,
+                  "after_tables": after_tables, "after_figures": loaded(training), "matplotlib": "matplotlib" in sys.modules}))
+"""
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["records"] > 0 and all(n > 0 for n in found["rows"][:2])
+    assert found["before"] == [] and found["after_tables"] == [] and found["after_figures"] == []
+    assert found["matplotlib"]

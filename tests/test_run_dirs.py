@@ -14,7 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 
-from or_core.run_dirs import history_figure, load_run_dirs, run_dirs_table
+from or_core.plots import history_figure
+from or_core.run_dirs import load_run_dirs, run_dirs_table
 
 GPU_RUNS = Path(__file__).resolve().parents[1] / "results" / "gpu_runs"
 

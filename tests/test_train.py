@@ -17,9 +17,15 @@ import pytest
 import torch
 import yaml
 
-from or_core.config import PROFILES, PretrainConfig, resolve_config
+from or_core import data as data_module
+from or_core.config import PROFILES, PretrainConfig, fit_to_data, resolve_config
+from or_core.divergence import NonFiniteLossError
+from or_core.evaluate import extract_features
+from or_core.measure import load_trained
 from or_core.methods import available_methods, method_class
-from or_core.train import NonFiniteLossError, RunConfigMismatchError, build_run, pretrain, step_views, training_step
+from or_core.run_files import RunConfigMismatchError
+from or_core.train import pretrain, step_views, training_step
+from or_core.training_run import build_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,6 +68,31 @@ def test_run_directory_holds_config_metrics_checkpoint_and_summary(data_root: Pa
     # a finished run is not trained again
     again = pretrain(cfg, tmp_path, show_progress=False)
     assert again == summary
+
+
+def test_load_trained_gives_the_features_of_the_runs_own_model(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny(data_root, epochs=1, regularizer="so", gamma=1e-4)
+    pretrain(cfg, tmp_path, show_progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    # the run's own model, as it was got back before: the whole run rebuilt, the checkpoint loaded
+    run = build_run(fit_to_data(cfg, notify=False))
+    run.method.load_state_dict(state["method"])
+    images = run.train.images[:96]
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("load_trained read the data set")
+
+    monkeypatch.setattr(data_module, "load_split", no_data)
+    monkeypatch.setattr(data_module, "load_split_at_most", no_data)
+    trained = load_trained(tmp_path, device="cpu")
+    assert not trained.method.training and trained.epoch == 1 and trained.image_size == run.image_size
+    assert (trained.mean, trained.std) == (run.mean, run.std)
+    loaded = trained.method.state_dict()  # backbone and heads, every tensor of the checkpoint
+    assert loaded.keys() == state["method"].keys()
+    assert all(torch.equal(loaded[k], state["method"][k]) for k in loaded)
+    assert torch.equal(trained.features(images), extract_features(run.method.backbone, images, run.mean, run.std))
 
 
 def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:

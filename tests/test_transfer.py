@@ -31,7 +31,7 @@ def trained_run(cifar10_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "linear_epochs": 1,
     })
     out = tmp_path_factory.mktemp("transfer") / "run"
-    pretrain(cfg, out, progress=False)
+    pretrain(cfg, out, show_progress=False)
     return out
 
 
