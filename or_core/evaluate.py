@@ -47,6 +47,7 @@ __all__ = [
     "EVALUATION_FIELDS",
     "normalized_batches",
     "extract_features",
+    "raw_pixel_knn",
     "knn_accuracy",
     "linear_probe_accuracy",
     "device_name",
@@ -213,6 +214,7 @@ def evaluate_run(run: Run, history: list[dict[str, Any]], wall: float) -> dict[s
         train_feats, train_labels, test_feats, test_labels, num_classes, epochs=cfg.linear_epochs, seed=cfg.seed
     )
     val = _validation_knn(run, root)
+    pixels = raw_pixel_knn(run, root)
     with torch.no_grad():
         so_total = sum(so_penalty(w.detach()).item() for _, w in regularized_weights(backbone))
     regularizer = run.method.regularizer
@@ -234,6 +236,7 @@ def evaluate_run(run: Run, history: list[dict[str, Any]], wall: float) -> dict[s
         "knn_t": cfg.knn_t,
         "knn_top1": knn["top1"],
         "knn_top5": knn["top5"],
+        "raw_pixels_knn_top1": pixels,
         "linear_top1": linear["top1"],
         "linear_top5": linear["top5"],
         "eval_train_images": len(train_labels),
@@ -274,6 +277,27 @@ def _split_features(run: Run, root: Path, split: str, subset: int | None) -> tup
         feats.append(features(images))
         labels.append(y)
     return torch.cat(feats), torch.cat(labels), len(loader.dataset.classes)
+
+
+def raw_pixel_knn(run: Run, root: Path) -> float | None:
+    """kNN top-1 of the identity encoder: the evaluation images themselves, normalized as for
+    training and flattened, with the same kNN on the same images. A trained encoder that does
+    not beat it has learned nothing kNN can use. ``None`` for a streamed run (its images are
+    not held in memory)."""
+    cfg = run.cfg
+    if cfg.stream:
+        return None
+    train = load_split(cfg.dataset, "train", root, cfg.image_size, cfg.eval_train_subset, cfg.seed)
+    test = load_split(cfg.dataset, "test", root, cfg.image_size, cfg.eval_test_subset, cfg.seed)
+    flatten = nn.Flatten()
+
+    def pixels(images: torch.Tensor) -> torch.Tensor:
+        return extract_features(flatten, images, run.mean, run.std, device=run.device)
+
+    knn = knn_accuracy(
+        pixels(train.images), train.labels, pixels(test.images), test.labels, train.num_classes, cfg.knn_k, cfg.knn_t
+    )
+    return knn["top1"]
 
 
 def _validation_knn(run: Run, root: Path) -> dict[str, float] | None:

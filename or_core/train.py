@@ -51,7 +51,7 @@ from or_core.run_files import (
     write_metrics,
     write_summary,
 )
-from or_core.training_run import Run, build_run, select_device
+from or_core.training_run import Run, build_run, select_device, trains_in_cpu_bf16
 
 # build_run, evaluate_run and evaluate_dir live in or_core.training_run and or_core.evaluate; they
 # stay importable from here for the notebooks and the command line that name them so.
@@ -165,12 +165,12 @@ def optimization_step(run: Run, views: list[torch.Tensor], progress: float) -> d
     Returns the method's loss terms, detached; nothing here waits for the device.
     """
     cfg, method = run.cfg, run.method
-    amp = cfg.amp and run.device.type == "cuda"
+    amp = (cfg.amp and run.device.type == "cuda") or trains_in_cpu_bf16(cfg, run.device)
     if run.compiled is not None:  # a new iteration for CUDA graph trees: the last step's graph outputs are dead
         torch.compiler.cudagraph_mark_step_begin()
     # (the labels name the phases in a torch.profiler trace: benchmarks/step_profile.py)
     with record_function("forward"):
-        if amp and cfg.channels_last:
+        if amp and (cfg.channels_last or run.device.type == "cpu"):
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
             out = run.module(views, progress)  # method.training_loss, through DDP when wrapped

@@ -156,8 +156,8 @@ def test_field_values_are_normalized_or_refused() -> None:
 # ----------------------------------------------------------------------------------------------
 def test_the_cpu_profile_fits_imagenette(imagenette_dir: Path) -> None:
     cfg = fit_to_data(resolve_config("cpu", overrides={"dataset": str(imagenette_dir)}), notify=False)
-    assert (cfg.subset, cfg.val_images) == (9469 - 9469 // 5, 9469 // 5)  # was 20480 and 2000
-    assert (cfg.eval_train_subset, cfg.eval_test_subset) == (9469, 2000)
+    assert (cfg.subset, cfg.val_images) == (9469 - 9469 // 5, 9469 // 5)  # was 48000 and 2000
+    assert (cfg.eval_train_subset, cfg.eval_test_subset) == (9469, 3925)  # was 50000 and 10000
 
 
 def test_the_cpu_profile_trains_and_evaluates_a_300_image_folder(

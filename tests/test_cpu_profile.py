@@ -1,0 +1,69 @@
+"""The cpu profile's two additions: bfloat16 training on CPUs that have it, and the raw-pixel
+kNN every trained encoder is measured against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from or_core.config import PROFILES, fit_to_data, resolve_config
+from or_core.evaluate import knn_accuracy, raw_pixel_knn
+from or_core.train import optimization_step, step_views
+from or_core.training_run import build_run, trains_in_cpu_bf16
+
+BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _ci_run(folder: Path, **overrides):
+    cfg = fit_to_data(resolve_config("ci", overrides={"dataset": str(folder), "device": "cpu", **overrides}), notify=False)
+    return build_run(cfg)
+
+
+@pytest.fixture
+def folder(small_image_folder) -> Path:
+    return small_image_folder(per_class=60, classes=3)
+
+
+def test_cpu_bf16_is_the_cpu_profiles_and_nobody_elses() -> None:
+    assert PROFILES["cpu"]["cpu_bf16"] is True
+    assert all(not p.get("cpu_bf16", False) for name, p in PROFILES.items() if name != "cpu")
+    assert resolve_config("ci").cpu_bf16 is False
+
+
+def test_cpu_bf16_trains_under_autocast_with_float32_weights(folder: Path) -> None:
+    """Where oneDNN has bfloat16 kernels the step runs under autocast (the projector's output is
+    bfloat16) on channels-last weights that stay float32; elsewhere the run is float32, NCHW."""
+    run = _ci_run(folder, cpu_bf16=True, batch_size=32)
+    assert trains_in_cpu_bf16(run.cfg, run.device) is BF16
+    conv = run.method.backbone.conv1.weight
+    assert conv.dtype == torch.float32
+    assert conv.is_contiguous(memory_format=torch.channels_last) is BF16
+    dtypes = []
+    hook = run.method.projection_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    views = next(step_views(run, run.epoch_batches(0), torch.Generator().manual_seed(0)))
+    before = conv.detach().clone()
+    out = optimization_step(run, views, 0.0)
+    hook.remove()
+    assert torch.isfinite(out["loss"]) and not torch.equal(before, conv.detach())
+    assert set(dtypes) == {torch.bfloat16 if BF16 else torch.float32}
+    assert all(p.dtype == torch.float32 for p in run.method.parameters())
+
+
+def test_raw_pixel_knn_is_the_knn_of_the_normalized_images(folder: Path) -> None:
+    """The identity encoder's kNN, recomputed here from the images: ``(x / 255 - mean) / std``
+    flattened, with the run's k and t on the run's evaluation images."""
+    from or_core.data import load_split
+
+    run = _ci_run(folder)
+    cfg, root = run.cfg, Path(run.cfg.data_root).expanduser()
+    got = raw_pixel_knn(run, root)
+    train = load_split(cfg.dataset, "train", root, cfg.image_size, cfg.eval_train_subset, cfg.seed)
+    test = load_split(cfg.dataset, "test", root, cfg.image_size, cfg.eval_test_subset, cfg.seed)
+    mean, std = torch.tensor(run.mean).view(1, 3, 1, 1), torch.tensor(run.std).view(1, 3, 1, 1)
+    pixels = lambda x: ((x.float() / 255 - mean) / std).flatten(1)  # noqa: E731
+    want = knn_accuracy(pixels(train.images), train.labels, pixels(test.images), test.labels, 3, cfg.knn_k, cfg.knn_t)
+    # float rounding can move a vote only at an exact tie: one test image at most
+    assert got == pytest.approx(want["top1"], abs=1.0 / len(test.labels) + 1e-9)
+    assert 1 / 3 < got <= 1.0  # three Imagenette classes: pixels beat chance
