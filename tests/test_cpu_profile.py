@@ -67,3 +67,31 @@ def test_raw_pixel_knn_is_the_knn_of_the_normalized_images(folder: Path) -> None
     # float rounding can move a vote only at an exact tie: one test image at most
     assert got == pytest.approx(want["top1"], abs=1.0 / len(test.labels) + 1e-9)
     assert 1 / 3 < got <= 1.0  # three Imagenette classes: pixels beat chance
+
+
+PILOTS = Path(__file__).resolve().parents[1] / "results" / "cpu_profile" / "pilots_2026-12-07.json"
+
+
+def test_the_cpu_profile_is_the_pilot_chosen_on_validation() -> None:
+    """The profile's training settings are those of the pilot with the best validation kNN among
+    the runs without OR (never the test numbers), and the README quotes that pilot's record."""
+    import json
+    import re
+
+    record = json.loads(PILOTS.read_text())
+    runs = {r["label"]: r for r in record["runs"]}
+    chosen = max((r for r in runs.values() if r["config"]["regularizer"] == "none"), key=lambda r: r["val_knn_top1"])
+    assert record["selected"]["label"] == chosen["label"]
+    profile = resolve_config("cpu", overrides={"method": "byol", "seed": chosen["config"]["seed"]}).to_dict()
+    for key in ("width", "subset", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs",
+                "eval_train_subset", "eval_test_subset", "val_images", "linear_epochs", "cpu_bf16", "method_kwargs",
+                "augment_overrides", "image_size"):
+        assert profile[key] == chosen["config"][key], key
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    quoted = re.search(r"validation kNN top-1 (0\.\d{3}) and test kNN top-1 (0\.\d{3}).*?raw pixels reach (0\.\d{3})", readme)
+    assert quoted, "the README's cpu-profile sentence"
+    val, test, pixels = (float(q) for q in quoted.groups())
+    assert val == pytest.approx(chosen["val_knn_top1"], abs=5e-4)
+    assert test == pytest.approx(chosen["test_knn_top1"], abs=5e-4)
+    assert pixels == pytest.approx(record["raw_pixels_knn_top1"], abs=5e-4)
+    assert test > record["raw_pixels_knn_top1"] and chosen["test_knn_top1"] >= 0.45
