@@ -112,14 +112,14 @@ class PretrainConfig:
 
 
 #: The profiles. ``ci`` is a smoke scale (seconds per run: what the notebooks run in CI; its
-#: numbers show the pipeline, not learning). ``cpu``: at most 12 minutes a run on two cores,
-#: chosen on the validation split with BYOL without OR (results/cpu_profile/pilots_2026-12-07.json,
-#: validation and test side by side): a width-0.125 ResNet-18 at 32 px, all training images
-#: but the validation ones, batch 64 (more steps for the same images beat batch 128), bfloat16
-#: where the CPU has it (more images in the same time), SGD with cosine decay rather than the
-#: methods' LARS recipes, which collapsed at this budget; evaluated on all 50,000 training and
-#: 10,000 test images, where raw pixels reach their known kNN score. ``cpu_small`` is the
-#: earlier cpu profile, kept because the records of ``configs/matrix_cpu.yaml`` and
+#: numbers show the pipeline, not learning). ``cpu``: minutes on two cores, chosen on the
+#: validation split with BYOL without OR (results/cpu_profile/pilots_2026-12-07.json; its time:
+#: timing_2026-12-07.json there): a width-0.125 ResNet-18 at 32 px, all training images but the
+#: validation ones, batch 64 (more steps for the same images beat batch 128), bfloat16 where the
+#: CPU has it (more images in the same time), SGD with cosine decay rather than the methods'
+#: LARS recipes, which collapsed at this budget; evaluated on all 50,000 training and 10,000
+#: test images, where raw pixels reach their known kNN score. ``cpu_small`` is the earlier cpu
+#: profile, kept because the records of ``configs/matrix_cpu.yaml`` and
 #: ``configs/methods_cpu.yaml`` were made with it (they say ``profile: cpu``; their scale is
 #: ``cpu-small``). ``gpu`` is the recipe of the libraries the paper used (ResNet-18 with the
 #: CIFAR stem, batch 256, full data). Numbers not set here come from the method.

@@ -9,8 +9,8 @@ tests check claims against them. It imports nothing of the training code.
 
 Scales, written into every record and onto every figure made from it:
 
-* ``cpu``: the cpu profile (narrow ResNet-18, all of CIFAR, 7 epochs, at most 12 minutes a
-  run on two cores); not the paper's setup.
+* ``cpu``: the cpu profile (narrow ResNet-18, all of CIFAR, 7 epochs, minutes a run on two
+  cores); not the paper's setup.
 * ``cpu-small``: the earlier cpu profile, now ``cpu_small`` (a CIFAR subset, 5 epochs); not the
   paper's setup.
 * ``cpu-ci``: the smaller runs the notebooks make in CI (a smoke scale: they show the pipeline,
