@@ -32,7 +32,7 @@ results/benchmarks/NOTES.md#batched-augmentation):
   bool tensors are not vectorized; a float mask + ``lerp`` is); solarization at 0.5 is
   ``min(x, 1 - x)`` (exact).
 * **No fresh multi-MB temporaries** (in-place ops, ``out=`` into ``Workspace`` buffers kept
-  between calls): on this VM every fresh allocation is page-faulted in (see ``Workspace``).
+  between calls): on the CPU a fresh allocation is often page-faulted in (see ``Workspace``).
 * **Gaussian blur as a matmul with per-sample banded matrices** that include the reflect
   padding (``G @ x @ G^T``), exact vs torchvision's ``gaussian_blur``; as fast as a
   separable grouped convolution at 32 px and faster at 224 px.
