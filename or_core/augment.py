@@ -8,8 +8,8 @@ PIL image at a time in DataLoader workers:
     random resized crop -> horizontal flip -> colour jitter (prob p) -> random grayscale
     -> Gaussian blur (prob p) -> solarization (prob p) -> normalization
 
-Design (each choice measured on the 2-core CPU VM this package was developed on, which
-other jobs shared; batch 256, 32 px, one thread, medians of A/B runs in one process):
+Design (each choice won an A/B timing on a small CPU; measurements:
+results/benchmarks/NOTES.md#batched-augmentation):
 
 * **Crop + resize + flip + uint8->float as two batched matmuls.** Every crop box becomes
   two small per-sample resampling matrices ``Wy (S, H)`` and ``Wx (S, W)``; the view is
@@ -18,25 +18,24 @@ other jobs shared; batch 256, 32 px, one thread, medians of A/B runs in one proc
   clamped to the crop exactly as ``torchvision.transforms.v2.functional.resized_crop``
   does; with ``antialias=True`` the filter is widened on downscaling like PIL /
   torchvision's antialias. The horizontal flip reverses the rows of ``Wx`` and the 1/255
-  of the uint8->float conversion is folded into ``Wy``: both free. Measured: 4.2 ms for
-  256 crops (max error vs ``resized_crop`` 2e-7) vs 8.7 ms for ``torchvision.ops.roi_align``
-  and 5.7 ms for ``affine_grid + grid_sample``, which both read pixels outside the crop
-  when upscaling (max error 0.14 at the crop borders).
+  of the uint8->float conversion is folded into ``Wy``: both free. Faster than
+  ``torchvision.ops.roi_align`` and ``affine_grid + grid_sample``, which both read pixels
+  outside the crop when upscaling.
 * **Ops run only on the images they hit** (``index_select`` into scratch memory, in-place
   op, ``index_copy_``): the cost scales with the probability and untouched images stay
   bit-exact. Per-image factors are ``(B, 1, 1, 1)`` tensors.
 * **Hue shift without an HSV image**: only the hexagonal hue ``6h`` is computed, then each
   output channel is ``v - (v - min) * T((n_c + 6h') mod 6)`` with ``T`` the HSV trapezoid;
-  equal to torchvision's ``adjust_hue`` within 3e-7; ~2.5 ms for 256 images vs ~140 ms for
-  torchvision's ``adjust_hue`` looped over the images.
-* **No ``torch.where`` / bool masks in the hot loops** (on CPU ``where`` takes ~1 ms per
-  256 x 32 x 32 plane, a float mask + ``lerp`` 0.1 ms; multiplying by a bool tensor is ~20x
-  slower than by a float one); solarization at 0.5 is ``min(x, 1 - x)`` (exact).
+  equal to torchvision's ``adjust_hue`` within float rounding, and far faster than looping
+  it over the images.
+* **No ``torch.where`` / bool masks in the hot loops** (on CPU ``where`` and products with
+  bool tensors are not vectorized; a float mask + ``lerp`` is); solarization at 0.5 is
+  ``min(x, 1 - x)`` (exact).
 * **No fresh multi-MB temporaries** (in-place ops, ``out=`` into ``Workspace`` buffers kept
-  between calls): on this VM every fresh allocation is page-faulted in (see ``Workspace``).
+  between calls): on the CPU a fresh allocation is often page-faulted in (see ``Workspace``).
 * **Gaussian blur as a matmul with per-sample banded matrices** that include the reflect
   padding (``G @ x @ G^T``), exact vs torchvision's ``gaussian_blur``; as fast as a
-  separable grouped convolution at 32 px (3.7 ms for 256 images) and 1.8x faster at 224 px.
+  separable grouped convolution at 32 px and faster at 224 px.
 * All random parameters are drawn on the CPU from one ``torch.Generator`` (if given) in a
   fixed order, so a seeded generator gives the same parameters on any device, and saving
   ``generator.get_state()`` in a checkpoint makes a resumed run exact. On CUDA they are
@@ -49,13 +48,10 @@ other jobs shared; batch 256, 32 px, one thread, medians of A/B runs in one proc
   equal rows ``[a, b)`` of the whole batch's up to float32 rounding (the contrast's grey level
   is a small matrix product whose rounding the BLAS may choose by the number of rows).
 
-Throughput (``benchmarks/augment.py``, BYOL views at 32 px, batch 256, load average ~2):
-~10000 two-view images/s on the 2-core CPU (2 threads; ~9100 with 1) vs ~860 for lightly's
-``BYOLTransform`` in a ``DataLoader`` with 2 workers, 11.6x. Intra-op threads: the tensors
-here are small (~0.8 M elements), so when the CPU is busy with other work 2 OpenMP threads
-spin-wait on each other; with a load average of ~3 we measured 2300 images/s with 2 threads
-vs 10000 with ``torch.set_num_threads(1)`` (7500 with 2 threads and
-``OMP_WAIT_POLICY=PASSIVE``).
+Throughput (``benchmarks/augment.py``): on a CPU, an order of magnitude more images/s than
+lightly's ``BYOLTransform`` in a ``DataLoader``. Intra-op threads: the tensors here are small
+(~0.8 M elements at batch 256), so when the CPU is busy with other work several OpenMP threads
+spin-wait on each other and one thread (``torch.set_num_threads(1)``) can be the fastest.
 
 Deliberate differences to lightly's PIL pipeline (all documented where they occur):
 the Gaussian blur is a true Gaussian with a fixed kernel size (PIL approximates it with box
@@ -347,14 +343,10 @@ class Workspace:
     """Named scratch tensors, reused across calls when ``cache`` is True.
 
     On the CPU a fresh multi-MB tensor is often new memory from the OS, page-faulted in on
-    first touch, which glibc returns when it is freed. On this package's 2-core VM that
-    cost was large: an early version ran at 2730 two-view images/s and at 4370 with the
-    same code but glibc told to keep its memory (``MALLOC_TRIM_THRESHOLD_`` and
-    ``MALLOC_MMAP_THRESHOLD_`` raised). Keeping the scratch tensors alive between calls
-    removes that cost without touching the process' malloc settings; with the in-place
-    ops of the current version it still gives 8000 vs 6860 images/s (BYOL views, 32 px,
-    batch 256, one thread, ``cache_scratch`` True vs False, medians of 8 alternating
-    runs). CUDA's caching allocator already reuses memory, so there ``cache=False``
+    first touch, which glibc returns when it is freed; on a small VM that cost is large.
+    Keeping the scratch tensors alive between calls removes it without touching the
+    process' malloc settings (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``).
+    CUDA's caching allocator already reuses memory, so there ``cache=False``
     (plain ``torch.empty``) is the default.
 
     Buffers are flat and grow to the largest size requested; ``get`` returns a view of the
@@ -459,7 +451,7 @@ def _resample_matrix(
     inside = ((pix > 0.0) & (pix < length[:, None, None])).to(
         dtype
     )  # (n, 1, in): the crop interval
-    weights = weights.mul_(inside)  # float mask: multiplying by a bool tensor is ~20x slower
+    weights = weights.mul_(inside)  # float mask: multiplying by a bool tensor is not vectorized
     return weights.div_(weights.sum(dim=2, keepdim=True))
 
 
@@ -469,9 +461,9 @@ def _separable_hc(xh: Tensor, wy: Tensor, wx: Tensor, ws: Workspace, tag: str) -
     ``xh`` is the input in ``(B, H, C, W)`` layout; returns ``(B, S, C, T)`` (a workspace
     buffer). Both products are plain ``bmm`` over B with the channels folded into the
     matrices (``(S,H) @ (H, C*W)``, then ``(S*C, W) @ (W, T)``), so no weight is replicated
-    per channel and no transposing copy is needed: ~3.7 ms for 256 x 3 x 32 x 32 on one
-    CPU core vs ~21 ms for a broadcasting ``torch.matmul(wy[:, None], x) @ wx[:, None]^T``
-    (which materializes the weights per channel and runs 768 tiny GEMMs).
+    per channel and no transposing copy is needed, unlike a broadcasting
+    ``torch.matmul(wy[:, None], x) @ wx[:, None]^T`` (which materializes the weights per
+    channel and runs B * C tiny GEMMs).
     """
     n, h, c, w = xh.shape
     s, t = wy.shape[1], wx.shape[1]
@@ -610,8 +602,8 @@ def _contrast_(x: Tensor, factor: Tensor, ws: Workspace) -> Tensor:
     # Mean of the grayscale image = luma of the channel means (one reduction, no gray image).
     weights = _const(_GRAY_WEIGHTS, x)
     mean = (x.mean(dim=(2, 3)) @ weights).view(-1, 1, 1, 1)
-    # mul_ + add_ of (B,1,1,1) factors: ~0.1 ms per 256 x 32 px on one core; a fused
-    # addcmul with such broadcast operands takes ~0.5 ms (not vectorized).
+    # mul_ + add_ of (B,1,1,1) factors: a fused addcmul with such broadcast operands is not
+    # vectorized on the CPU.
     return x.mul_(f).add_(mean * (1.0 - f)).clamp_(0.0, 1.0)
 
 
@@ -629,9 +621,8 @@ def _hue_(x: Tensor, shift: Tensor, ws: Workspace) -> Tensor:
     With v = max, m = min and C = v - m over the channels, HSV->RGB is
     ``out_c = v - C * T((n_c + 6h) mod 6)``, n = (5, 3, 1), ``T(k) = clamp(min(k, 4 - k), 0, 1)``.
     A hue rotation leaves v and C unchanged, so only ``6h`` is computed from RGB; no HSV
-    tensor is built. All temporaries live in the workspace. ~2.5 ms for 256 x 32 px on one
-    core (~3.5 ms with ``torch.where`` for the sector choice, ~15 ms with fresh temporaries
-    in an early version, ~140 ms for torchvision's ``adjust_hue`` looped over the images).
+    tensor is built. All temporaries live in the workspace (fresh ones, ``torch.where`` for
+    the sector choice and torchvision's ``adjust_hue`` looped over the images were slower).
     """
     v = torch.amax(x, dim=1, keepdim=True, out=_plane(x, ws, "plane0"))
     chroma = torch.amin(x, dim=1, keepdim=True, out=_plane(x, ws, "plane1"))
@@ -645,8 +636,8 @@ def _hue_(x: Tensor, shift: Tensor, ws: Workspace) -> Tensor:
     torch.sub(g, b, out=t0)
     torch.sub(b, r, out=t1).add_(c1, alpha=2.0)
     torch.sub(r, g, out=t2).add_(c1, alpha=4.0)
-    # Select with float 0/1 masks and lerp (exact at weights 0 and 1): ~0.2 ms per plane
-    # vs ~1.3 ms for a bool ``==`` + ``torch.where`` on CPU (where is not vectorized).
+    # Select with float 0/1 masks and lerp (exact at weights 0 and 1): a bool ``==`` +
+    # ``torch.where`` is slower on CPU (where is not vectorized).
     mask = _plane(x, ws, "plane2")[:, 0]
     torch.lerp(t2, t1, torch.eq(v1, g, out=mask), out=t2)
     torch.lerp(t2, t0, torch.eq(v1, r, out=mask), out=t2)
@@ -712,7 +703,7 @@ def solarize(x: Tensor) -> Tensor:
     """Invert pixels >= 0.5 (PIL's ``solarize(threshold=128)`` on [0, 1] data).
 
     ``where(x >= 0.5, 1 - x, x) == min(x, 1 - x)`` exactly; the latter is two vectorized
-    kernels (~0.2 ms for 256 x 3 x 32 x 32 on one core vs ~3.9 ms for ``torch.where``).
+    kernels, where ``torch.where`` is not vectorized on the CPU.
     """
     return torch.minimum(x, 1.0 - x)
 
@@ -747,8 +738,8 @@ def gaussian_blur(x: Tensor, sigma: float | Tensor, kernel_size: int) -> Tensor:
     Equal (to float rounding) to ``torchvision.transforms.v2.functional.gaussian_blur``
     with ``kernel_size`` and each image's sigma (reflect padding). Implemented as
     ``G @ x @ G^T`` with per-sample banded ``G`` that include the reflect padding: one
-    batched matmul pair instead of a reflect pad + two grouped convolutions (same time at
-    32 px, 3.7 ms for 256 images on one core; 1.8x faster at 224 px).
+    batched matmul pair instead of a reflect pad + two grouped convolutions (as fast at
+    32 px, faster at 224 px).
     """
     n, _, h, w = x.shape
     if h != w:
@@ -762,8 +753,8 @@ def gaussian_blur(x: Tensor, sigma: float | Tensor, kernel_size: int) -> Tensor:
 def _normalize_into(x: Tensor, mean: Sequence[float], std: Sequence[float], out: Tensor) -> Tensor:
     scale = _const([1.0 / s for s in std], x).view(1, -1, 1, 1)
     shift = _const([-m / s for m, s in zip(mean, std)], x).view(1, -1, 1, 1)
-    # mul + add_: ~0.2 ms per 256 x 3 x 32 x 32 on one core vs ~0.46 ms for one addcmul
-    # with (1, 3, 1, 1) operands (its broadcast path is not vectorized).
+    # mul + add_ rather than one addcmul with (1, 3, 1, 1) operands, whose broadcast path is
+    # not vectorized.
     return torch.mul(x, scale, out=out).add_(shift)
 
 
@@ -813,8 +804,7 @@ def _color_jitter_(x: Tensor, p: ViewParams, cfg: ViewConfig, ws: Workspace) -> 
     the 4 order slots the buffer is re-sorted (one ``index_select``) so that the images
     applying the same op in that slot are contiguous, and each op runs once on its slice;
     one ``index_copy_`` writes the result back. That is 2-5 index ops per view instead of a
-    gather + scatter per (slot, op) group (16 + 16): 5.8 vs 6.7 ms per 256-image SimCLR
-    view on one core (identical output).
+    gather + scatter per (slot, op) group (16 + 16), with identical output.
     """
     strengths = (cfg.cj_bright, cfg.cj_contrast, cfg.cj_sat, cfg.cj_hue)
     active = [strengths[op] > 0 for op in range(4)]  # torchvision skips 0-strength ops

@@ -115,14 +115,12 @@ CAMPAIGN_KEYS = (
 ENTRY_KEYS = ("name", "priority", "note")
 #: The ``rates`` key that stands in for every regularizer a method's rates do not list.
 ANY = "any"
-#: Fixed seconds added to every run (``allowance_s``), measured end to end on one H100
-#: (results/benchmarks/h100/call2-338ad91/session.log and results/gpu_runs/*_30ep_h100/):
-#: outside training, a 30-epoch run took 33-44 s (start, data, kNN, 100-epoch linear probe);
-#: compiling made its first epoch 33 s longer than the others (6 s with a warm cache). These
-#: defaults are about 1.3 times that; ``compile`` counts only for a compiled run.
+#: Fixed seconds added to every run (``allowance_s``) for what is not training (start, data,
+#: kNN, linear probe) and, for a compiled run only, compiling: about 1.3 times what they took
+#: on one GPU (measurements: results/benchmarks/NOTES.md#run-allowance).
 DEFAULT_ALLOWANCE_S = {"startup": 20.0, "compile": 40.0, "evaluation": 40.0}
-#: The training time is multiplied by this (at least 1): the same run varied by up to 20%
-#: between calls on one machine (results/benchmarks/h200/README.md).
+#: The training time is multiplied by this (at least 1): the same run's speed varies between
+#: calls on one machine (see results/benchmarks/NOTES.md#run-allowance).
 DEFAULT_MARGIN = 1.1
 #: What a run may be instead of trained, in the final summary.
 RECORDED, NEVER_FITS, NOT_STARTED, FAILED, ABORTED = "recorded", "never fits", "not started", "failed", "aborted"
@@ -284,7 +282,7 @@ def read_rates(path: str | Path) -> dict[tuple[str, str, str], tuple[float, str]
 
     files = sorted(path.rglob("*.json")) if path.is_dir() else [path]
     for file in files:
-        name = str(file.relative_to(path)) if path.is_dir() else file.name  # call1-338ad91/throughput_methods.json
+        name = str(file.relative_to(path)) if path.is_dir() else file.name  # e.g. call1-<commit>/throughput_methods.json
         try:
             data = json.loads(file.read_text())
         except (ValueError, OSError) as error:

@@ -10,10 +10,9 @@ Evaluation (kNN, linear probe, collapse diagnostics) runs the same modules in ev
 batches of other sizes; :func:`eager` runs them uncompiled there, so that evaluation never
 recompiles, records graphs of every batch size, or differs from a run that was not compiled.
 
-Measured for BYOL + SO, ResNet-18, CIFAR-10, batch 256: 7,552 images/s eager and 13,282 with
-``reduce-overhead`` on one H100 (``results/benchmarks/h100/``, call 1), 7,366 and 16,627 on one
-H200 (``results/benchmarks/h200/``, call 3); on both, the first five losses of the eager and the
-compiled run agree within 1.6e-3 (bf16). Multi-process (DDP) runs are not compiled
+With ``reduce-overhead`` a BYOL + SO step at batch 256 runs roughly twice as fast as eager,
+with the same losses to bf16 precision (measurements:
+results/benchmarks/NOTES.md#compiled-gpu-step). Multi-process (DDP) runs are not compiled
 (:func:`or_core.training_run.build_run` warns), as that combination is untested.
 """
 

@@ -68,8 +68,8 @@ class PretrainConfig:
     #: Training batches augmented in one call (one process only). Each call of the batched
     #: augmentation issues ~1,300 small tensor ops whatever the batch size; on a GPU, where
     #: the step waits on the host's op launches, augmenting several batches at once divides
-    #: that cost (BYOL + SO, batch 256, H200: 5.6k -> 8.2k images/s at 8). Changes the random
-    #: stream (deterministic and resumable all the same); ignored in a multi-process run.
+    #: that cost (measurements: results/benchmarks/NOTES.md#batched-augmentation-gpu). Changes
+    #: the random stream (deterministic and resumable all the same); ignored in a multi-process run.
     augment_batches: int = 1
     knn_k: int = 200
     knn_t: float = 0.1
@@ -176,9 +176,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "batch_size": 256,
         "linear_epochs": 100,
         "augment_batches": 8,
-        # CUDA graphs for the backbone and its EMA copy: BYOL + SO, batch 256, torch 2.11,
-        # 7,552 -> 13,282 images/s on one H100, 7,366 -> 16,627 on one H200; compiling takes up
-        # to a minute once per run. Not applied in multi-process (DDP) runs, where it is untested.
+        # CUDA graphs for the backbone and its EMA copy: a step is bound by its kernel launches
+        # (see or_core.compiling); compiling costs up to a minute once per run. Not applied in
+        # multi-process (DDP) runs, where it is untested.
         "compile": "reduce-overhead",
     },
 }

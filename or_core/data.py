@@ -94,7 +94,7 @@ def default_cache_dir() -> Path:
 # ----------------------------------------------------------------------------------------------
 def _fingerprint(path: Path) -> str:
     """``sha256:<hex>`` of the file's content: a copy of the same archive elsewhere (another
-    path, another mtime) is recognized as already extracted (hashing 30 MB takes ~0.1 s)."""
+    path, another mtime) is recognized as already extracted (hashing an archive is cheap)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -319,8 +319,8 @@ def decode_image(path: Path | str, image_size: int | None = None) -> Tensor:
     and the center ``image_size x image_size`` is cropped; an image already of that size is left
     untouched. A JPEG at least 4 times larger than needed is decoded at a reduced DCT scale
     (PIL ``draft``, 1/2 to 1/8) that keeps at least ``2 * image_size`` on each side, then resized:
-    1.4x faster for a 500x375 file decoded to 64 px, within 0.5 grey levels on average of a
-    full decode (the antialiased resize still does the last halving or more). Smaller files,
+    faster, and close to a full decode (the antialiased resize still does the last halving or
+    more; measurements: results/benchmarks/NOTES.md#decode-chunks). Smaller files,
     CIFAR and Imagenette-64 included, decode in full.
 
     Raises:
@@ -374,12 +374,11 @@ class _DecodedChunks(Dataset):
     """Consecutive chunks of files decoded into one uint8 ``(k, 3, H, W)`` tensor each.
 
     One tensor per chunk instead of one per image: a worker hands each tensor back through
-    shared memory, and for 32 px images that hand-over costs more than the decoding (measured,
-    10k CIFAR-10 test images, 2 workers on a busy 2-core machine: 13 s handed back one tensor per
-    image, 3-6 s by chunks of 256). An item is ``(images, ok, errors)``: ``ok`` is False where
-    a file could not be decoded, and ``errors`` holds those files' messages. Corrupt files are
-    reported, not raised: an exception raised in a worker keeps the loader alive in its
-    traceback, and shutting the workers down later took 5 s.
+    shared memory, and for 32 px images that hand-over costs more than the decoding. An item
+    is ``(images, ok, errors)``: ``ok`` is False where a file could not be decoded, and
+    ``errors`` holds those files' messages. Corrupt files are reported, not raised: an
+    exception raised in a worker keeps the loader alive in its traceback, which makes shutting
+    the workers down slow.
     """
 
     def __init__(
@@ -777,8 +776,8 @@ def _cache_path(
 
 def folder_fingerprint(split_dir: Path) -> str:
     """A digest of an ImageFolder split's contents: its class folders and, for every image, the
-    path, size and modification time (a ``stat`` per file, no reading: 0.15 s for CIFAR-10's
-    50,000 files), so that a file added, removed, renamed or rewritten gives another digest."""
+    path, size and modification time (a ``stat`` per file, no reading, so it stays cheap), so
+    that a file added, removed, renamed or rewritten gives another digest."""
     lines = [f"{name}/" for name in class_folders(split_dir)]
     for name in class_folders(split_dir):
         lines += _image_stats(os.path.join(split_dir, name), f"{name}/")

@@ -366,7 +366,7 @@ def _run_workers(
 ) -> dict[str, str]:
     """Train ``names`` in up to ``jobs`` processes at once, one run per process
     (``python -m or_core matrix --only NAME``), each starting as soon as a core is free, so
-    that no core idles while runs are left (runs take 400 to 700 s on the cpu scale). A
+    that no core idles while runs are left (runs of the cpu scale take several minutes each). A
     failed run does not stop the others; returns each failed run's one-line error, read from
     its worker's stderr (which is shown as it comes)."""
     threads = max(1, (os.cpu_count() or jobs) // jobs)

@@ -316,10 +316,10 @@ class _SoftOrthogonality(torch.autograd.Function):
 
     Forward: one Gram per matrix, then the squared Frobenius norms of all ``G_l`` in one foreach
     reduction. Backward: the closed form ``dSO/dM = 4 G M``, one product per matrix, scaled by one
-    foreach op, instead of autograd through the Gram, which costs two (measured on a CPU
-    ResNet-18: 0.79 s against 1.24 s for forward and backward). Stacking equally shaped matrices
-    for batched products was slower on the CPU (0.94 s): the stack copies every weight. The
-    foreach ops keep the host's op count low on a GPU, where a step is bound by its launches.
+    foreach op, instead of autograd through the Gram, which costs two. Stacking equally shaped
+    matrices for batched products is slower on the CPU: the stack copies every weight. The
+    foreach ops keep the host's op count low on a GPU, where a step is bound by its launches
+    (measurements: results/benchmarks/NOTES.md#so-closed-form-gradient).
     """
 
     @staticmethod
@@ -542,13 +542,12 @@ class OrthogonalityRegularizer(nn.Module):
 
         ``G v`` is applied as ``M (M^T v) - v`` on the wide view ``M`` (one ``mv`` and one
         ``addmv``): two matrix-vector products on the weight itself, no Gram and no copy
-        (measured on a CPU ResNet-18: stacking the weights for batched products cost 0.3 s a
-        call, these products 3 ms). Norms, rescaling and the vector update are foreach ops over
-        all layers: 4 host ops per layer and step with one iteration, against 14 one layer at a
-        time. The penalty's gradient is in closed form (:class:`_SpectralRestrictedIsometry`).
-        Measured 2026-11-26 on two CPU cores against the per-layer version with autograd: host
-        ops of a BYOL + SRIP step 1,601 -> 1,277 (SO: 1,168), and the OR term's forward and
-        backward on a ResNet-18 43 -> 22 ms (benchmarks/step_profile.py, or_overhead.py).
+        (stacking the weights for batched products copies every weight). Norms, rescaling and
+        the vector update are foreach ops over all layers, so the host issues a few ops per
+        layer and step, far fewer than one layer at a time. The penalty's gradient is in closed
+        form (:class:`_SpectralRestrictedIsometry`); together these halve the OR term's cost
+        against a per-layer version with autograd
+        (measurements: results/benchmarks/NOTES.md#srip-foreach).
         """
         vectors = [getattr(self, self._vector_name(name)) for name in self.names]
         aligned = all((b.device, b.dtype) == (m.device, m.dtype) for b, m in zip(vectors, mats))

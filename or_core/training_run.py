@@ -166,8 +166,9 @@ def build_run(cfg: PretrainConfig) -> Run:
     method = build_method(
         cfg.method, backbone, feature_dim, regularizer=cfg.regularizer, gamma=cfg.gamma, **method_kwargs
     ).to(device)
-    # CUDA only: on the CPU (torch 2.14, oneDNN) channels-last trained 15-30% faster but its
-    # gradients were 1.5-3% off a float64 reference (NCHW: 3e-6 to 4e-3); measured 2026-11-25.
+    # CUDA only (and bfloat16 CPU training): on the CPU in float32, oneDNN's channels-last is
+    # faster but its gradients are far less accurate than NCHW's
+    # (measurements: results/benchmarks/NOTES.md#cpu-channels-last).
     if (device.type == "cuda" and cfg.channels_last) or trains_in_cpu_bf16(cfg, device):
         method.to(memory_format=torch.channels_last)
     if device.type == "cuda":  # fixed shapes: let cuDNN pick its fastest convolution once per shape

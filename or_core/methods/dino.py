@@ -111,8 +111,8 @@ class DINO(SSLMethod):
     # parallel, so the teacher's targets are near uniform and a constant output is the cheapest
     # fit. lightly's CIFAR-10 benchmark head (512 hidden, 64 bottleneck, 2048 prototypes, batch
     # norm), a faster teacher (momentum 0.99) with a sharper temperature (0.04) and no local
-    # crops (twice as fast on two cores) learn instead, best at lr 0.05 (results/cpu_profile/,
-    # results/methods_cpu/).
+    # crops (cheaper steps) learn instead, best at lr 0.05
+    # (results/benchmarks/NOTES.md#cpu-method-settings).
     profile_settings = {
         "cpu": {
             "lr": 0.05,

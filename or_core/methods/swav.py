@@ -89,8 +89,8 @@ class SwaV(SSLMethod):
     # the random encoder's projections of different images are nearly parallel, so the Sinkhorn
     # codes are near uniform and a constant output is the cheapest fit. lightly's head (512 ->
     # 128, 512 prototypes), sharper codes (Sinkhorn epsilon 0.02), prototypes frozen for the
-    # first 20% of training, no local crops (twice as fast on two cores) and no queue learn
-    # instead, at the profile's lr (results/cpu_profile/, results/methods_cpu/).
+    # first 20% of training, no local crops (cheaper steps) and no queue learn instead, at the
+    # profile's lr (results/benchmarks/NOTES.md#cpu-method-settings).
     profile_settings = {
         "cpu": {
             "method_kwargs": {
