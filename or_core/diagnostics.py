@@ -54,6 +54,8 @@ def std_of_l2_normalized(z: Tensor) -> Tensor:
     from lightly.utils.debug import std_of_l2_normalized as lightly_std_of_l2_normalized
 
     return lightly_std_of_l2_normalized(z)
+
+
 Data = Tensor | Iterable[Tensor | Sequence[Tensor]]
 
 

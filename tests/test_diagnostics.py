@@ -139,7 +139,10 @@ def test_effective_rank_and_rankme_match_numpy_reference() -> None:
 
 
 def test_std_of_l2_normalized_is_lightlys() -> None:
-    assert std_of_l2_normalized is lightly.utils.debug.std_of_l2_normalized
+    """Lightly's function, called through a wrapper that imports it late: the same tensor."""
+    z = torch.randn(64, 16, generator=torch.Generator().manual_seed(0)) + 3.0
+    assert torch.equal(std_of_l2_normalized(z), lightly.utils.debug.std_of_l2_normalized(z))
+    assert std_of_l2_normalized(z.new_ones(8, 16)).item() == 0.0  # collapse to one vector
     assert "std_of_l2_normalized" in diagnostics.__all__
 
 
