@@ -461,12 +461,14 @@ def test_claims_summary_states_each_verdict_with_its_intervals(frame: pd.DataFra
 def test_tables_and_figures_import_nothing_of_training() -> None:
     """Reading records and making tables loads neither the training code nor matplotlib; the
     figures add matplotlib, still without the training code (a fresh interpreter: this
-    process has imported everything already)."""
+    process has imported everything already). ``or_core.augment`` is not among them: the method
+    registry, which checking a matrix's configs loads, declares its views with augment's
+    ``ViewConfig``."""
     script = """
 import json, sys
 from or_core import matrix, records, report, run_dirs, stats
 loaded = lambda names: [n for n in names if n in sys.modules]
-training = ["or_core.train", "or_core.training_run", "or_core.experiments", "or_core.augment", "or_core.data",
+training = ["or_core.train", "or_core.training_run", "or_core.experiments", "or_core.data",
             "or_core.evaluate", "or_core.measure", "or_core.optim", "or_core.campaign"]
 before = loaded(training + ["matplotlib"])
 recs = report.load_folder("results/matrix_ci")
