@@ -173,7 +173,7 @@ def test_the_cpu_profile_trains_and_evaluates_a_300_image_folder(
                             "--out", out, "--no-progress")
     assert code == 0, err
     notice = [line for line in err.splitlines() if line.startswith("notice:")]
-    assert len(notice) == 1 and "subset 20480 -> 240, val_images 2000 -> 60" in notice[0]
+    assert len(notice) == 1 and "subset 48000 -> 240, val_images 2000 -> 60" in notice[0]
     summary = json.loads(stdout)
     assert (summary["train_images"], summary["eval_train_images"], summary["eval_test_images"]) == (240, 300, 150)
     assert summary["val_images"] == 60 and summary["val_knn_top1"] is not None
