@@ -128,7 +128,7 @@ def test_a_small_matrix_runs_chooses_gamma_on_validation_and_resumes(data_root: 
     (merge,) = chosen_s0["provenance"]["merges"]
     assert merge["added"] == {"groups": ["pair"], "transfer": ["cifar100"]} and "git_commit" in merge and "date_utc" in merge
     none = records["byol-cifar10-none-s0"]
-    assert none["scale"] == "cpu-small" and none["summary"]["val_images"] == 200
+    assert none["scale"] == "cpu" and none["summary"]["val_images"] == 200
     assert set(none["transfer"]["cifar100"]) >= {"linear_top1", "knn_top1"}
     assert none["transfer"]["cifar100"]["test_images"] == 200
     assert [h["epoch"] for h in none["history"]] == [1]

@@ -92,7 +92,7 @@ def test_chosen_gamma_needs_its_grid_among_the_runs(tmp_path: Path) -> None:
     ({"profile": "ci", "runs": []}, "no runs; add a `runs:` list"),
     ("runs:\n  - {method: byol\n", ", line 3: not valid YAML (expected ',' or '}', but got '<stream end>'); fix the file"),
     ({"profile": "cii", "base": {"epochs": 0}, "runs": [{"seed": -1}]}, " (run entries counted from 1): unknown profile "
-     "'cii'; valid profiles: cpu, ci, gpu; base: field 'epochs' must be an integer >= 1, got 0; run entry 1: field "
+     "'cii'; valid profiles: cpu, cpu_small, ci, gpu; base: field 'epochs' must be an integer >= 1, got 0; run entry 1: field "
      "'seed' must be an integer >= 0, got -1"),
 ], ids=["runs-mapping", "top-list", "no-runs", "bad-yaml", "profile-and-base"])
 def test_a_matrix_file_of_the_wrong_shape_is_one_line(

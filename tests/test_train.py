@@ -200,7 +200,7 @@ def test_clear_errors(data_root: Path, tmp_path: Path) -> None:
         build_run(tiny(data_root, dataset="imagenet-1k"))
     with pytest.raises((FileNotFoundError, ValueError), match="no-such-folder"):
         build_run(tiny(data_root, dataset=str(tmp_path / "no-such-folder")))
-    with pytest.raises(ValueError, match="unknown profile 'tpu'; valid profiles: cpu, ci, gpu"):
+    with pytest.raises(ValueError, match="unknown profile 'tpu'; valid profiles: cpu, cpu_small, ci, gpu"):
         resolve_config("tpu")
     (tmp_path / "bad.yaml").write_text("epochz: 3\n")
     with pytest.raises(ValueError, match="unknown config field.*epochz"):
