@@ -14,6 +14,7 @@ import yaml
 
 from or_core import experiments
 from or_core.errors import ConfigError
+from or_core.methods import available_methods
 from or_core.experiments import GammaNotChosen, choose_gamma, load_matrix, resolve_chosen, run_matrix
 from or_core.records import load_records, write_record
 
@@ -221,7 +222,10 @@ def test_the_paired_cpu_matrix_has_its_seeds_per_arm_and_no_leak(tmp_path: Path)
     arms = Counter((e.overrides["method"], e.overrides["regularizer"]) for e in comparisons)
     five = {(m, r): 5 for m in ("byol", "simclr") for r in ("none", "so", "srip", "so_diag", "so_offdiag")}
     three = {(m, r): 3 for m in ("barlowtwins", "vicreg") for r in ("none", "so", "srip")}
-    assert arms == {**five, **three}
+    # group `methods`: every registered method once without OR, on seed 0
+    once = {(m, "none"): 1 for m in available_methods() if m not in ("byol", "simclr", "barlowtwins", "vicreg")}
+    assert arms == {**five, **three, **once}
+    assert {e.overrides["method"] for e in comparisons if "methods" in e.groups} == set(available_methods())
     # the arms of one method share their seeds (paired), and every comparison is on CIFAR-10
     for method in ("byol", "simclr", "barlowtwins", "vicreg"):
         assert len({tuple(sorted(e.overrides["seed"] for e in comparisons if e.overrides["method"] == method
@@ -233,7 +237,7 @@ def test_the_paired_cpu_matrix_has_its_seeds_per_arm_and_no_leak(tmp_path: Path)
     assert grid == {key: len(matrix.choose["grids"][key[1]]) * len(seeds) for key in chosen}
     # the header's counts, and parts that run on their own
     pending = run_matrix(path, tmp_path / "work", results=tmp_path / "results", dry_run=True)
-    assert (len(selection), len(comparisons), len(pending)) == (36, 68, 104)
+    assert (len(selection), len(comparisons), len(pending)) == (36, 74, 110)
     header = f"{len(pending)} trainings = {len(selection)} selection runs + {len(comparisons)} comparison runs"
     assert header in path.read_text()
     byol = run_matrix(path, tmp_path / "work", groups=["byol"], results=tmp_path / "results", dry_run=True)
