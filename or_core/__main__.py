@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
     p.add_argument("--config", default=None, help="YAML file of config fields (see configs/)")
-    p.add_argument("--backbone", default=None, help="resnet18, resnet50, vit_tiny, vit_small")
+    p.add_argument("--backbone", default=None, help="resnet18, resnet50, vit_tiny, vit_small, vit_base")
     p.add_argument("--width", type=float, default=None, help="ResNet width multiplier")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument(

@@ -42,10 +42,12 @@ _RESNETS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
 }
-#: ``(hidden_dim, num_layers, num_heads, mlp_dim)`` of DeiT's tiny and small ViTs.
+#: ``(hidden_dim, num_layers, num_heads, mlp_dim)`` of DeiT's tiny and small ViTs and of ViT-B
+#: (Dosovitskiy et al. 2021, Table 1), the three of the paper's Table 3.
 _VITS: dict[str, tuple[int, int, int, int]] = {
     "vit_tiny": (192, 12, 3, 768),
     "vit_small": (384, 12, 6, 1536),
+    "vit_base": (768, 12, 12, 3072),
 }
 BACKBONE_NAMES: tuple[str, ...] = (*_RESNETS, *_VITS)
 
@@ -60,7 +62,7 @@ def build_backbone(
     """Build an encoder without classifier; return ``(encoder, feature_dim)``.
 
     Args:
-        name: ``"resnet18"``, ``"resnet50"``, ``"vit_tiny"`` or ``"vit_small"``.
+        name: ``"resnet18"``, ``"resnet50"``, ``"vit_tiny"``, ``"vit_small"`` or ``"vit_base"``.
         image_size: side of the input images. ResNets: picks the stem when ``stem`` is ``None``
             (CIFAR up to 64 px, ImageNet above or when unknown). ViTs: sets the position
             embeddings and the patch size (4 up to 64 px, else 16); ``None`` means 224.

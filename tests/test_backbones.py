@@ -21,6 +21,7 @@ from or_core.backbones import BACKBONE_NAMES, build_backbone
         ("resnet50", {"image_size": 32, "width": 0.25}, 16, 512),
         ("vit_tiny", {"image_size": 32}, 32, 192),
         ("vit_small", {"image_size": 32}, 32, 384),
+        ("vit_base", {"image_size": 32}, 32, 768),
     ],
 )
 def test_output_shape_and_feature_dim(name, kwargs, size, feature_dim):
@@ -126,3 +127,22 @@ def test_vit_at_its_own_size_is_torchvisions_vit_and_takes_smaller_crops(name):
     assert local.shape == (3, dim) and torch.isfinite(local).all()
     with pytest.raises(ValueError, match="multiple of the patch"):
         backbone(torch.randn(1, 3, 18, 18))
+
+
+def test_vit_base_is_torchvisions_vit_b_16_without_its_head():
+    """At 224 px (patch 16) ViT-base has exactly the parameters of torchvision's ViT-B/16 encoder,
+    name for name and shape for shape; the OR term covers its patch embedding, every block's qkv
+    and attention output projections and both MLP layers (12 x 4 + 1 = 49 weights)."""
+    import torchvision
+
+    backbone, dim = build_backbone("vit_base", image_size=224)
+    reference = torchvision.models.vit_b_16()
+    shapes = {k: v.shape for k, v in backbone.state_dict().items()}
+    expected = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("heads.")}
+    assert dim == 768 and shapes == expected
+    names = [n for n, _ in regularized_weights(backbone)]
+    assert len(names) == 49 and names[0] == "conv_proj.weight"
+    block = [n[len("encoder.layers.encoder_layer_0."):] for n in names if n.startswith("encoder.layers.encoder_layer_0.")]
+    assert sorted(block) == sorted(
+        ["self_attention.in_proj_weight", "self_attention.out_proj.weight", "mlp.0.weight", "mlp.3.weight"]
+    )
