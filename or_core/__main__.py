@@ -9,7 +9,7 @@ import os
 import sys
 from typing import NoReturn
 
-from or_core.compiling import COMPILE_MODES
+from or_core.fast_path import COMPILE_MODES
 from or_core.config import PROFILES, PretrainConfig, resolve_config
 from or_core.errors import input_error_message
 from or_core.methods import METHODS, REGULARIZERS, available_methods

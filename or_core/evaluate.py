@@ -32,12 +32,12 @@ from lightly.utils.benchmarking.topk import mean_topk_accuracy
 from torch import Tensor, nn
 
 from or_core.checkpoint import load_checkpoint
-from or_core.compiling import eager
 from or_core.config import PretrainConfig, fit_to_data
 from or_core.data import load_holdout, load_split, resolve_dataset, streaming_loader
 from or_core.diagnostics import effective_rank, rankme, std_of_l2_normalized
 from or_core.divergence import check_finite_weights, require_finite
 from or_core.errors import ConfigError, MissingPathError
+from or_core.fast_path import eager
 from or_core.orthogonality import regularized_weights, so_penalty
 from or_core.provenance import versions
 from or_core.run_files import CHECKPOINT_FILE, saved_config, write_summary
@@ -91,14 +91,14 @@ def extract_features(
 
     Images are scaled to ``[0, 1]`` and normalized with ``mean``/``std`` (those of training),
     without other augmentation (:func:`normalized_batches`). The backbone's train/eval mode is restored afterwards. A backbone
-    compiled for training (:mod:`or_core.compiling`) runs eagerly here.
+    compiled for training (:mod:`or_core.fast_path.compiled_calls`) runs eagerly here.
     """
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     was_training = backbone.training
     backbone.eval()
     out = []
     try:
-        with eager(backbone):
+        with eager():
             for x in normalized_batches(images, mean, std, batch_size, device):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                     out.append(backbone(x).flatten(start_dim=1).float())

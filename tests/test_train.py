@@ -24,7 +24,8 @@ from or_core.evaluate import extract_features
 from or_core.measure import load_trained
 from or_core.methods import available_methods, method_class
 from or_core.run_files import RunConfigMismatchError
-from or_core.train import pretrain, step_views, training_step
+from or_core.fast_path import step_views
+from or_core.train import pretrain, training_step
 from or_core.training_run import build_run
 
 REPO = Path(__file__).resolve().parents[1]
