@@ -36,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 from or_core.config import resolve_config
 from or_core.provenance import provenance
 from or_core.evaluate import device_name
-from or_core.fast_path import step_views
+from or_core.fast_path.batched_views import step_views
 from or_core.train import optimization_step
 from or_core.training_run import build_run
 

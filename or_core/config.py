@@ -436,7 +436,7 @@ def check_field(key: str, value: Any, where: str = "config") -> Any:
             )
         return value
     if key == "compile":
-        from or_core.fast_path import COMPILE_MODES
+        from or_core.fast_path.compiled_calls import COMPILE_MODES
 
         if not isinstance(value, bool) and value not in ("none", *COMPILE_MODES):
             raise ConfigError(

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from or_core.fast_path import eager
+from or_core.fast_path.compiled_calls import eager
 from or_core.orthogonality import _compute_dtype, matrix_view, regularized_weights, so_penalty
 
 __all__ = [

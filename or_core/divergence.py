@@ -8,7 +8,7 @@ from torch import nn
 
 from or_core import distributed
 from or_core.errors import InputError
-from or_core.fast_path import first_non_finite
+from or_core.fast_path.deferred_checks import first_non_finite
 
 __all__ = ["NonFiniteLossError", "check_finite_losses", "check_finite_weights", "require_finite"]
 

@@ -37,7 +37,7 @@ from or_core.data import load_holdout, load_split, resolve_dataset, streaming_lo
 from or_core.diagnostics import effective_rank, rankme, std_of_l2_normalized
 from or_core.divergence import check_finite_weights, require_finite
 from or_core.errors import ConfigError
-from or_core.fast_path import eager
+from or_core.fast_path.compiled_calls import eager
 from or_core.orthogonality import regularized_weights, so_penalty
 from or_core.provenance import versions
 from or_core.run_files import CHECKPOINT_FILE, write_summary

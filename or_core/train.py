@@ -41,7 +41,9 @@ from or_core.data import load_split_at_most
 from or_core.diagnostics import effective_rank, std_of_l2_normalized
 from or_core.divergence import NonFiniteLossError, check_finite_losses, check_finite_weights, require_finite
 from or_core.evaluate import evaluate_dir, evaluate_run, extract_features  # evaluate_dir: for the command line
-from or_core.fast_path import DeferredLossCheck, mark_step_begin, step_views
+from or_core.fast_path.batched_views import step_views
+from or_core.fast_path.compiled_calls import mark_step_begin
+from or_core.fast_path.deferred_checks import DeferredLossCheck
 from or_core.optim import clip_gradients, schedule_weight_decay
 from or_core.run_files import (
     CHECKPOINT_FILE,
@@ -147,8 +149,8 @@ def train_epoch(run: Run, epoch: int, step: int, augment_rng: torch.Generator, b
     """One epoch of training; returns the epoch's mean losses and the new global step.
 
     Every step's loss is checked for NaN/inf (on a GPU in groups of steps,
-    :class:`or_core.fast_path.DeferredLossCheck`); the error names the first bad step, and the
-    epoch's checkpoint is written only after its last check has passed.
+    :class:`or_core.fast_path.deferred_checks.DeferredLossCheck`); the error names the first bad
+    step, and the epoch's checkpoint is written only after its last check has passed.
     """
     cfg = run.cfg
     total_steps = cfg.epochs * run.steps_per_epoch

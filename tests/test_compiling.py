@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from or_core.backbones import build_backbone
-from or_core.fast_path import COMPILE_MODES, compile_encoders, compile_mode, eager
 from or_core.config import resolve_config
 from or_core.evaluate import extract_features
+from or_core.fast_path.compiled_calls import COMPILE_MODES, compile_encoders, compile_mode, eager
 from or_core.methods import build_method
 
 

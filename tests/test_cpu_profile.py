@@ -10,7 +10,7 @@ import torch
 
 from or_core.config import PROFILES, fit_to_data, resolve_config
 from or_core.evaluate import knn_accuracy, raw_pixel_knn
-from or_core.fast_path import step_views
+from or_core.fast_path.batched_views import step_views
 from or_core.train import optimization_step
 from or_core.training_run import build_run, trains_in_cpu_bf16
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from or_core.fast_path import CUDA_CHECK_EVERY, DeferredLossCheck, first_non_finite
+from or_core.fast_path.deferred_checks import CUDA_CHECK_EVERY, DeferredLossCheck, first_non_finite
 
 
 def test_first_non_finite_names_the_first_bad_tensor() -> None:

@@ -17,32 +17,15 @@ each: what, why, and where its measurement lives in ``results/benchmarks/NOTES.m
   batches augmented in one call, since a call's ~1,300 small ops cost host time whatever the
   batch size (``#batched-augmentation-gpu``).
 
-The plain path calls in here once per trick: :func:`or_core.train.train_epoch` takes its views
-from :func:`step_views` and its loss checks from :class:`DeferredLossCheck`,
+The plain path calls in here once per trick, naming the module:
+:func:`or_core.train.train_epoch` takes its views from :func:`.batched_views.step_views` and its
+loss checks from :class:`.deferred_checks.DeferredLossCheck`,
 :func:`or_core.train.optimization_step` marks each step for CUDA graphs
-(:func:`mark_step_begin`), :func:`or_core.training_run.build_run` compiles
-(:func:`compile_encoders`), evaluation runs :func:`eager`, and the methods with memory banks
-or queues keep their counters with :func:`enqueue_without_host_sync` and :func:`read_counter`.
+(:func:`.compiled_calls.mark_step_begin`), :func:`or_core.training_run.build_run` compiles
+(:func:`.compiled_calls.compile_encoders`), evaluation runs :func:`.compiled_calls.eager`, and the
+methods with memory banks or queues keep their counters with
+:func:`.host_counters.enqueue_without_host_sync` and :func:`.host_counters.read_counter`.
+
+The package imports none of its modules: each caller imports the one it needs (only
+``host_counters`` needs lightly, which tables and figures of run directories do not load).
 """
-
-from __future__ import annotations
-
-from or_core.fast_path.batched_views import step_views
-from or_core.fast_path.compiled_calls import COMPILE_MODES, compile_encoders, compile_mode, eager, mark_step_begin
-from or_core.fast_path.deferred_checks import CUDA_CHECK_EVERY, DeferredLossCheck, first_non_finite
-from or_core.fast_path.host_counters import enqueue_without_host_sync, read_counter, write_counter
-
-__all__ = [
-    "COMPILE_MODES",
-    "CUDA_CHECK_EVERY",
-    "DeferredLossCheck",
-    "compile_encoders",
-    "compile_mode",
-    "eager",
-    "enqueue_without_host_sync",
-    "first_non_finite",
-    "mark_step_begin",
-    "read_counter",
-    "step_views",
-    "write_counter",
-]

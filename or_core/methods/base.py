@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from or_core.augment import ViewConfig
 from or_core.backbones import SMALL_IMAGE_SIZE
-from or_core.fast_path import enqueue_without_host_sync
+from or_core.fast_path.host_counters import enqueue_without_host_sync
 from or_core.methods.view_recipes import asymmetric_views, base_view, for_image_size
 from or_core.orthogonality import PENALTY_KINDS, OrthogonalityRegularizer
 
@@ -84,7 +84,7 @@ def persistent_memory_bank(bank: MemoryBankModule) -> MemoryBankModule:
     lightly registers both as non-persistent buffers, so a checkpoint would lose MoCo's queue,
     NNCLR's support set and SwaV's queues; re-registering them as persistent buffers lets a
     resumed run continue exactly where it stopped. The bank enqueues through the fast path
-    (:func:`or_core.fast_path.enqueue_without_host_sync`).
+    (:func:`or_core.fast_path.host_counters.enqueue_without_host_sync`).
     """
     for name in ("bank", "bank_ptr"):
         bank.register_buffer(name, getattr(bank, name), persistent=True)
