@@ -40,7 +40,8 @@ if str(REPO) not in sys.path:  # run from anywhere, without an install
 from or_core.config import resolve_config  # noqa: E402
 from or_core.provenance import provenance  # noqa: E402
 from or_core.evaluate import device_name  # noqa: E402
-from or_core.train import optimization_step, step_views  # noqa: E402
+from or_core.fast_path.batched_views import step_views  # noqa: E402
+from or_core.train import optimization_step  # noqa: E402
 from or_core.training_run import build_run  # noqa: E402
 
 #: Lines of a worker's stdout that the parent reads; anything else a library prints is ignored.

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from lightly.loss.swav_loss import sinkhorn
 
 from or_core.config import PROFILES, resolve_config
-from or_core.train import optimization_step, step_views
+from or_core.fast_path.batched_views import step_views
+from or_core.train import optimization_step
 from or_core.training_run import Run, build_run
 
 

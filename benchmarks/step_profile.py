@@ -1,6 +1,6 @@
 """Where a training step's time goes: wall time, host time per phase, GPU kernel time, launches.
 
-A step is ``augment`` (:func:`or_core.train.step_views`), then ``forward`` (EMA update, loss and OR term),
+A step is ``augment`` (:func:`or_core.fast_path.step_views`), then ``forward`` (EMA update, loss and OR term),
 ``backward`` and ``optimizer`` (update, schedule), the labels
 :func:`or_core.train.optimization_step` gives its phases. For each configuration this prints
 
@@ -36,7 +36,8 @@ from torch.profiler import ProfilerActivity, profile
 from or_core.config import resolve_config
 from or_core.provenance import provenance
 from or_core.evaluate import device_name
-from or_core.train import optimization_step, step_views
+from or_core.fast_path.batched_views import step_views
+from or_core.train import optimization_step
 from or_core.training_run import build_run
 
 PHASES = ("augment", "forward", "backward", "optimizer")

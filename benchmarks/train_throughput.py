@@ -20,12 +20,13 @@ import time
 
 import torch
 
-from or_core.compiling import COMPILE_MODES, compile_mode
+from or_core.fast_path.compiled_calls import COMPILE_MODES, compile_mode
 from or_core.config import resolve_config
 from or_core.provenance import provenance
 from or_core.methods import available_methods
 from or_core.evaluate import device_name
-from or_core.train import optimization_step, step_views
+from or_core.fast_path.batched_views import step_views
+from or_core.train import optimization_step
 from or_core.training_run import build_run
 
 

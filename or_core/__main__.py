@@ -9,9 +9,9 @@ import os
 import sys
 from typing import NoReturn
 
-from or_core.compiling import COMPILE_MODES
 from or_core.config import PROFILES, PretrainConfig, resolve_config
 from or_core.errors import input_error_message
+from or_core.fast_path.compiled_calls import COMPILE_MODES
 from or_core.methods import METHODS, REGULARIZERS, available_methods
 
 DATASETS = "cifar10, cifar100, or a path to an ImageFolder root with train/ and val/ (or test/)"

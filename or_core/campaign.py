@@ -89,10 +89,10 @@ from typing import Any
 import torch
 
 from or_core.atomic import write_json_atomic
-from or_core.compiling import compile_mode
 from or_core.config import PROFILES, PretrainConfig, check_field, fit_to_data, read_yaml_file, resolve_config
 from or_core.data import count_images, load_split
 from or_core.errors import ConfigError, InputError, MissingPathError, input_error_message
+from or_core.fast_path.compiled_calls import compile_mode
 from or_core.matrix import run_name
 from or_core.methods import REGULARIZERS, available_methods
 from or_core.orthogonality import DEFAULT_GAMMA

@@ -85,7 +85,8 @@ class PretrainConfig:
     #: native bfloat16 kernels (else float32, as without it); evaluation stays float32.
     cpu_bf16: bool = False
     #: ``torch.compile`` of the backbone and its EMA copies: false, true (the default mode) or a
-    #: mode name such as ``reduce-overhead`` (CUDA graphs); see :mod:`or_core.compiling`.
+    #: mode name such as ``reduce-overhead`` (CUDA graphs); see
+    #: :mod:`or_core.fast_path.compiled_calls`.
     compile: bool | str = False
     profile: str = "custom"
 
@@ -177,8 +178,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "linear_epochs": 100,
         "augment_batches": 8,
         # CUDA graphs for the backbone and its EMA copy: a step is bound by its kernel launches
-        # (see or_core.compiling); compiling costs up to a minute once per run. Not applied in
-        # multi-process (DDP) runs, where it is untested.
+        # (see or_core.fast_path.compiled_calls); compiling costs up to a minute once per run.
+        # Not applied in multi-process (DDP) runs, where it is untested.
         "compile": "reduce-overhead",
     },
 }
@@ -435,7 +436,7 @@ def check_field(key: str, value: Any, where: str = "config") -> Any:
             )
         return value
     if key == "compile":
-        from or_core.compiling import COMPILE_MODES
+        from or_core.fast_path.compiled_calls import COMPILE_MODES
 
         if not isinstance(value, bool) and value not in ("none", *COMPILE_MODES):
             raise ConfigError(

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from or_core.compiling import eager
+from or_core.fast_path.compiled_calls import eager
 from or_core.orthogonality import _compute_dtype, matrix_view, regularized_weights, so_penalty
 
 __all__ = [
@@ -249,7 +249,7 @@ def features(
                 break
             for outputs in batch_outputs.values():
                 outputs.clear()
-            with eager(model):  # a model compiled for training (or_core.compiling) runs eagerly
+            with eager():  # a model compiled for training (or_core.fast_path) runs eagerly
                 output = model(x.to(device))
             if not isinstance(output, Tensor):
                 raise TypeError(f"the model returned {type(output).__name__}, not a tensor")

@@ -31,16 +31,16 @@ from lightly.utils.benchmarking import knn_predict
 from lightly.utils.benchmarking.topk import mean_topk_accuracy
 from torch import Tensor, nn
 
-from or_core.checkpoint import load_checkpoint
-from or_core.compiling import eager
+from or_core.checkpoint import load_run_checkpoint
 from or_core.config import PretrainConfig, fit_to_data
 from or_core.data import load_holdout, load_split, resolve_dataset, streaming_loader
 from or_core.diagnostics import effective_rank, rankme, std_of_l2_normalized
 from or_core.divergence import check_finite_weights, require_finite
-from or_core.errors import ConfigError, MissingPathError
+from or_core.errors import ConfigError
+from or_core.fast_path.compiled_calls import eager
 from or_core.orthogonality import regularized_weights, so_penalty
 from or_core.provenance import versions
-from or_core.run_files import CHECKPOINT_FILE, saved_config, write_summary
+from or_core.run_files import CHECKPOINT_FILE, write_summary
 from or_core.training_run import Run, build_run
 
 __all__ = [
@@ -91,14 +91,14 @@ def extract_features(
 
     Images are scaled to ``[0, 1]`` and normalized with ``mean``/``std`` (those of training),
     without other augmentation (:func:`normalized_batches`). The backbone's train/eval mode is restored afterwards. A backbone
-    compiled for training (:mod:`or_core.compiling`) runs eagerly here.
+    compiled for training (:mod:`or_core.fast_path.compiled_calls`) runs eagerly here.
     """
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     was_training = backbone.training
     backbone.eval()
     out = []
     try:
-        with eager(backbone):
+        with eager():
             for x in normalized_batches(images, mean, std, batch_size, device):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                     out.append(backbone(x).flatten(start_dim=1).float())
@@ -326,12 +326,7 @@ def evaluate_dir(out: str | Path, overrides: dict[str, Any] | None = None) -> di
     larger than the data are clipped to it (:func:`or_core.config.fit_to_data`).
     """
     out = Path(out)
-    if not out.is_dir():
-        raise MissingPathError(f"run directory not found: {out}")
-    state = load_checkpoint(out / CHECKPOINT_FILE)
-    if state is None:
-        raise MissingPathError(f"{out} has no {CHECKPOINT_FILE} to evaluate: train it first (python -m or_core pretrain --out {out})")
-    saved = saved_config(out, state)
+    state, saved = load_run_checkpoint(out, "evaluate")
     overrides = dict(overrides or {})
     not_evaluation = sorted(set(overrides) - set(EVALUATION_FIELDS))
     if not_evaluation:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from or_core.backbones import build_backbone
-from or_core.checkpoint import load_checkpoint
+from or_core.checkpoint import load_run_checkpoint
 from or_core.config import PretrainConfig
 from or_core.diagnostics import (
     REPRESENTATION,
@@ -38,11 +38,10 @@ from or_core.diagnostics import (
     normalized_spectrum,
     weight_spectra,
 )
-from or_core.errors import MissingPathError
 from or_core.evaluate import extract_features, normalized_batches
 from or_core.methods import SSLMethod, build_method
 from or_core.orthogonality import regularized_weights, so_penalty
-from or_core.run_files import CHECKPOINT_FILE, SUMMARY_FILE, saved_config
+from or_core.run_files import CHECKPOINT_FILE, SUMMARY_FILE
 from or_core.training_run import select_device
 
 __all__ = ["TrainedRun", "load_trained", "stage_names", "collapse_spectra"]
@@ -102,12 +101,8 @@ def load_trained(run_dir: str | Path, device: str | torch.device | None = None) 
         MissingPathError: ``run_dir`` or its checkpoint does not exist.
     """
     out = Path(run_dir)
-    if not out.is_dir():
-        raise MissingPathError(f"run directory not found: {out}")
-    state = load_checkpoint(out / CHECKPOINT_FILE)
-    if state is None:
-        raise MissingPathError(f"{out} has no {CHECKPOINT_FILE}: train it first (python -m or_core pretrain --out {out})")
-    cfg = PretrainConfig.from_dict(saved_config(out, state), str(out / CHECKPOINT_FILE))
+    state, saved = load_run_checkpoint(out)
+    cfg = PretrainConfig.from_dict(saved, str(out / CHECKPOINT_FILE))
     image_size = _image_size(cfg, out)
     backbone, feature_dim = build_backbone(cfg.backbone, image_size=image_size, width=cfg.width)
     method = build_method(cfg.method, backbone, feature_dim, regularizer=cfg.regularizer, gamma=cfg.gamma, **cfg.method_kwargs)

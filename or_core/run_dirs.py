@@ -30,8 +30,8 @@ from typing import Any
 
 import pandas as pd
 
-from or_core.compiling import compile_mode
 from or_core.config import load_yaml
+from or_core.fast_path.compiled_calls import compile_mode
 from or_core.run_files import CONFIG_FILE, METRICS_FILE, read_metrics, read_summary
 
 __all__ = ["RunDir", "load_run_dirs", "run_dirs_table", "HISTORY_LABELS"]

@@ -10,7 +10,8 @@ Every epoch appends a line to ``metrics.jsonl`` and writes ``checkpoint.pt`` ato
 (:mod:`or_core.run_files`); the end of training evaluates the final weights (kNN and linear
 probe, :func:`or_core.evaluate.evaluate_run`) into ``summary.json``. The run itself (data,
 method, optimizer, schedule) is built by :func:`or_core.training_run.build_run`, its optimizer
-by :mod:`or_core.optim`.
+by :mod:`or_core.optim`. What the loop does only to run faster (batched augmentation calls,
+compiled encoders, deferred NaN checks) is in :mod:`or_core.fast_path`, one call each.
 Calling :func:`pretrain` again with the same run directory resumes from the last checkpoint
 (model, optimizer, schedule, EMA targets, memory banks, RNG states, position); on the CPU the
 resumed run ends with weights bit-identical to an uninterrupted one.
@@ -26,7 +27,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,11 @@ from or_core.checkpoint import load_checkpoint, save_atomic
 from or_core.config import PretrainConfig, fit_to_data
 from or_core.data import load_split_at_most
 from or_core.diagnostics import effective_rank, std_of_l2_normalized
-from or_core.divergence import NonFiniteLossError, check_finite_weights, require_finite
+from or_core.divergence import NonFiniteLossError, check_finite_losses, check_finite_weights, require_finite
 from or_core.evaluate import evaluate_dir, evaluate_run, extract_features  # evaluate_dir: for the command line
+from or_core.fast_path.batched_views import step_views
+from or_core.fast_path.compiled_calls import mark_step_begin
+from or_core.fast_path.deferred_checks import DeferredLossCheck
 from or_core.optim import clip_gradients, schedule_weight_decay
 from or_core.run_files import (
     CHECKPOINT_FILE,
@@ -60,7 +63,6 @@ __all__ = [
     "RunConfigMismatchError",
     "Run",
     "build_run",
-    "step_views",
     "optimization_step",
     "training_step",
     "train_epoch",
@@ -103,56 +105,6 @@ def _probe_batch_stats(run: Run, probe: torch.Tensor, when: str = "") -> dict[st
     return {"effective_rank": effective_rank(feats), "std_of_l2_normalized": std_of_l2_normalized(feats).item()}
 
 
-def _first_bad(losses: list[torch.Tensor], start_step: int) -> tuple[int, float] | None:
-    """``(global step, value)`` of the first non-finite loss among ``losses``, if any."""
-    stacked = torch.stack(losses)
-    bad = (~torch.isfinite(stacked)).nonzero()
-    if bad.numel() == 0:
-        return None
-    i = int(bad[0, 0])
-    return start_step + i, float(stacked[i])
-
-
-def step_views(run: Run, batches: Iterable[torch.Tensor], augment_rng: torch.Generator) -> Iterator[list[torch.Tensor]]:
-    """The augmented views of each uint8 batch of ``batches``, in order.
-
-    In a multi-process run each batch is this process's shard (rows
-    :func:`or_core.distributed.shard_rows`) of a global batch ``W`` times as large: every process
-    draws the augmentation parameters of the whole global batch from ``augment_rng`` (the same
-    stream on every process) and applies those of its own rows.
-
-    In one process with ``cfg.augment_batches = k > 1``, ``k`` consecutive batches are augmented
-    in one call and the views cut into per-batch slices: the same per-image transforms, drawn
-    in another order (so another, equally reproducible, random stream).
-    """
-    k = run.cfg.augment_batches
-    if k <= 1 or distributed.world_size() > 1:
-        for images in batches:
-            total = images.shape[0] * distributed.world_size()
-            with record_function("augment"):
-                views = run.augment(images, generator=augment_rng, rows=distributed.shard_rows(total), total=total)
-            yield views
-        return
-    chunk: list[torch.Tensor] = []
-
-    def flush() -> Iterator[list[torch.Tensor]]:
-        with record_function("augment"):
-            views = run.augment(torch.cat(chunk), generator=augment_rng)
-        start = 0
-        for images in chunk:
-            stop = start + images.shape[0]
-            yield [v[start:stop] for v in views]
-            start = stop
-
-    for images in batches:
-        chunk.append(images)
-        if len(chunk) == k:
-            yield from flush()
-            chunk = []
-    if chunk:
-        yield from flush()
-
-
 def training_step(run: Run, images: torch.Tensor, progress: float, augment_rng: torch.Generator) -> dict[str, torch.Tensor]:
     """One optimization step on a uint8 batch: augment (:func:`step_views`), then
     :func:`optimization_step`."""
@@ -166,8 +118,7 @@ def optimization_step(run: Run, views: list[torch.Tensor], progress: float) -> d
     """
     cfg, method = run.cfg, run.method
     amp = (cfg.amp and run.device.type == "cuda") or trains_in_cpu_bf16(cfg, run.device)
-    if run.compiled is not None:  # a new iteration for CUDA graph trees: the last step's graph outputs are dead
-        torch.compiler.cudagraph_mark_step_begin()
+    mark_step_begin(run.compiled)  # compiled encoders: a new iteration of their CUDA graphs
     # (the labels name the phases in a torch.profiler trace: benchmarks/step_profile.py)
     with record_function("forward"):
         if amp and (cfg.channels_last or run.device.type == "cpu"):
@@ -187,17 +138,6 @@ def optimization_step(run: Run, views: list[torch.Tensor], progress: float) -> d
     return {k: v.detach().float() for k, v in out.items()}
 
 
-def _raise_non_finite(losses: list[torch.Tensor], first_step: int, epoch: int) -> None:
-    if distributed.is_distributed():  # every process stops together if one of them diverged
-        losses = list(distributed.all_reduce_mean(torch.stack(losses)))
-    bad = _first_bad(losses, first_step)
-    if bad is not None:
-        raise NonFiniteLossError(
-            f"non-finite loss {bad[1]} at step {bad[0]} (epoch {epoch + 1}): training diverged, "
-            f"lower the learning rate (--lr) and start again"
-        )
-
-
 def _what_is_kept(out: Path, epoch: int, main: bool) -> str:
     """What a stopped run leaves: the last good checkpoint, if one exists."""
     if main and epoch > 0 and (out / CHECKPOINT_FILE).is_file():
@@ -208,30 +148,24 @@ def _what_is_kept(out: Path, epoch: int, main: bool) -> str:
 def train_epoch(run: Run, epoch: int, step: int, augment_rng: torch.Generator, bar: tqdm | None) -> tuple[dict, int]:
     """One epoch of training; returns the epoch's mean losses and the new global step.
 
-    Every step's loss is checked for NaN/inf: on the CPU as it is computed, on CUDA in groups
-    of 50 steps (reading a result waits for the device). The error names the first bad step;
-    the epoch's checkpoint is written only after its last check has passed.
+    Every step's loss is checked for NaN/inf (on a GPU in groups of steps,
+    :class:`or_core.fast_path.deferred_checks.DeferredLossCheck`); the error names the first bad
+    step, and the epoch's checkpoint is written only after its last check has passed.
     """
     cfg = run.cfg
     total_steps = cfg.epochs * run.steps_per_epoch
-    check_every = 1 if run.device.type == "cpu" else 50
     run.method.train()
     sums = {"ssl_loss": torch.zeros((), device=run.device), "or_term": torch.zeros((), device=run.device)}
-    pending: list[torch.Tensor] = []
-    pending_start = step
-    for views in step_views(run, run.epoch_batches(epoch), augment_rng):
+    losses = DeferredLossCheck(run.device, step, lambda pending, first: check_finite_losses(pending, first, epoch))
+    for views in step_views(run, run.epoch_batches(epoch), augment_rng):  # augmented in batched calls
         out = optimization_step(run, views, step / total_steps)
-        pending.append(out["loss"])
-        if len(pending) >= check_every:
-            _raise_non_finite(pending, pending_start, epoch)
-            pending, pending_start = [], step + 1
+        losses.add(out["loss"])
         sums["ssl_loss"] += out["ssl_loss"]
         sums["or_term"] += out["or_term"]
         step += 1
         if bar is not None:
             bar.update(1)
-    if pending:
-        _raise_non_finite(pending, pending_start, epoch)
+    losses.flush()
     means = {k: distributed.all_reduce_mean(v).item() / run.steps_per_epoch for k, v in sums.items()}
     return means, step
 

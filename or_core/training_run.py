@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from or_core import distributed
 from or_core.augment import MultiViewAugment
 from or_core.backbones import build_backbone
-from or_core.compiling import compile_encoders, compile_mode
 from or_core.config import PretrainConfig
 from or_core.data import ImageTensors, batches, load_split, resolve_dataset, streaming_loader
 from or_core.errors import ConfigError, DataError
+from or_core.fast_path.compiled_calls import compile_encoders, compile_mode
 from or_core.methods import SSLMethod, build_method, method_class
 from or_core.optim import build_optimizer, build_scheduler
 
@@ -53,7 +53,7 @@ class Run:
     ``module`` runs the forward: the ``DistributedDataParallel`` wrapper of ``method`` in a
     multi-process run, ``method`` itself otherwise. ``method`` is always the unwrapped method
     (hooks, ``state_dict``, evaluation). ``compiled`` is the ``torch.compile`` mode applied to
-    its encoders, if any (:mod:`or_core.compiling`). Built with keywords only.
+    its encoders, if any (:mod:`or_core.fast_path.compiled_calls`). Built with keywords only.
     """
 
     cfg: PretrainConfig

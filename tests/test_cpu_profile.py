@@ -10,7 +10,8 @@ import torch
 
 from or_core.config import PROFILES, fit_to_data, resolve_config
 from or_core.evaluate import knn_accuracy, raw_pixel_knn
-from or_core.train import optimization_step, step_views
+from or_core.fast_path.batched_views import step_views
+from or_core.train import optimization_step
 from or_core.training_run import build_run, trains_in_cpu_bf16
 
 BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()

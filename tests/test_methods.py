@@ -562,7 +562,7 @@ def test_memory_bank_without_host_sync_writes_what_lightlys_writes() -> None:
 
 
 def test_counters_are_mirrored_on_the_host_and_read_again_when_changed_elsewhere() -> None:
-    from or_core.methods.base import read_counter, write_counter
+    from or_core.fast_path.host_counters import read_counter, write_counter
 
     module = nn.Module()
     module.register_buffer("count", torch.zeros((), dtype=torch.long))

@@ -21,10 +21,11 @@ from or_core import data as data_module
 from or_core.config import PROFILES, PretrainConfig, fit_to_data, resolve_config
 from or_core.divergence import NonFiniteLossError
 from or_core.evaluate import extract_features
+from or_core.fast_path.batched_views import step_views
 from or_core.measure import load_trained
 from or_core.methods import available_methods, method_class
 from or_core.run_files import RunConfigMismatchError
-from or_core.train import pretrain, step_views, training_step
+from or_core.train import pretrain, training_step
 from or_core.training_run import build_run
 
 REPO = Path(__file__).resolve().parents[1]

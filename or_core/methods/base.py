@@ -33,20 +33,19 @@ seen the online weights of step ``t - 1``. The update only happens in training m
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from lightly.models.modules.memory_bank import MemoryBankModule
-from lightly.models.utils import concat_all_gather, get_weight_decay_parameters, update_momentum
-from lightly.utils import dist
+from lightly.models.utils import get_weight_decay_parameters, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 
 from or_core.augment import ViewConfig
 from or_core.backbones import SMALL_IMAGE_SIZE
+from or_core.fast_path.host_counters import enqueue_without_host_sync
 from or_core.methods.view_recipes import asymmetric_views, base_view, for_image_size
 from or_core.orthogonality import PENALTY_KINDS, OrthogonalityRegularizer
 
@@ -57,11 +56,9 @@ __all__ = [
     "clip_gradients",
     "cosine_progress",
     "persistent_memory_bank",
-    "read_counter",
     "recipe_key",
     "same_size_groups",
     "schedule_weight_decay",
-    "write_counter",
 ]
 
 #: Values of the ``regularizer`` switch: no regularization, or one of the penalties.
@@ -81,63 +78,17 @@ def cosine_progress(progress: float, start: float, end: float) -> float:
     return cosine_schedule(step, _SCHEDULE_STEPS + 1, start, end)
 
 
-def read_counter(module: nn.Module, name: str) -> int:
-    """The value of the one-element integer buffer ``module.<name>``, kept on the host.
-
-    Reading a CUDA tensor's value makes the host wait for all queued GPU work. The value is read
-    once and mirrored on the host, together with the tensor and its in-place version counter;
-    :func:`write_counter` updates both. A tensor that was replaced (``.to``, a new buffer) or
-    changed in place by other code (``load_state_dict`` copies into it) is read again.
-    """
-    tensor = getattr(module, name)
-    mirror = module.__dict__.get("_host_counters", {}).get(name)
-    if mirror is not None and mirror[0] is tensor and mirror[1] == tensor._version:
-        return mirror[2]
-    value = int(tensor)
-    module.__dict__.setdefault("_host_counters", {})[name] = (tensor, tensor._version, value)
-    return value
-
-
-def write_counter(module: nn.Module, name: str, value: int) -> None:
-    """Set the buffer ``module.<name>`` to ``value`` (no host synchronization) and its mirror."""
-    tensor = getattr(module, name)
-    tensor.fill_(value)
-    module.__dict__.setdefault("_host_counters", {})[name] = (tensor, tensor._version, value)
-
-
-def _enqueue_without_sync(bank: MemoryBankModule, batch: Tensor) -> None:
-    """lightly's ``MemoryBankModule._dequeue_and_enqueue`` with its write pointer read through
-    :func:`read_counter`: the same writes, without lightly's ``int(self.bank_ptr)``, a host
-    synchronization per step on CUDA."""
-    if bank.gather_distributed and dist.world_size() > 1:
-        batch = concat_all_gather(batch)
-    size, n = bank.size[0], batch.shape[0]
-    ptr = read_counter(bank, "bank_ptr")
-    with torch.no_grad():
-        if ptr + n >= size:
-            bank.bank[ptr:] = batch[: size - ptr].detach()
-            write_counter(bank, "bank_ptr", 0)
-        else:
-            bank.bank[ptr : ptr + n] = batch.detach()
-            write_counter(bank, "bank_ptr", ptr + n)
-
-
 def persistent_memory_bank(bank: MemoryBankModule) -> MemoryBankModule:
-    """Put a lightly memory bank (its ``bank`` and ``bank_ptr``) into ``state_dict`` and let it
-    enqueue without host synchronizations.
+    """Put a lightly memory bank (its ``bank`` and ``bank_ptr``) into ``state_dict``.
 
     lightly registers both as non-persistent buffers, so a checkpoint would lose MoCo's queue,
     NNCLR's support set and SwaV's queues; re-registering them as persistent buffers lets a
-    resumed run continue exactly where it stopped. Its enqueue reads the write pointer's value
-    from the device every step; :func:`_enqueue_without_sync` (bound to this instance) keeps it
-    on the host instead.
+    resumed run continue exactly where it stopped. The bank enqueues through the fast path
+    (:func:`or_core.fast_path.host_counters.enqueue_without_host_sync`).
     """
     for name in ("bank", "bank_ptr"):
         bank.register_buffer(name, getattr(bank, name), persistent=True)
-    bank._dequeue_and_enqueue = functools.partial(  # type: ignore[method-assign]
-        _enqueue_without_sync, bank
-    )
-    return bank
+    return enqueue_without_host_sync(bank)
 
 
 def same_size_groups(views: Sequence[Tensor]) -> list[list[Tensor]]:

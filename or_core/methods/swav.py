@@ -16,14 +16,8 @@ from lightly.utils import dist
 from torch import Tensor, nn
 
 from or_core.augment import ViewConfig
-from or_core.methods.base import (
-    OptimizerDefaults,
-    SSLMethod,
-    persistent_memory_bank,
-    read_counter,
-    same_size_groups,
-    write_counter,
-)
+from or_core.fast_path.host_counters import read_counter, write_counter
+from or_core.methods.base import OptimizerDefaults, SSLMethod, persistent_memory_bank, same_size_groups
 from or_core.methods.view_recipes import SIMCLR_JITTER, local_size
 
 

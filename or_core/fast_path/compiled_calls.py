@@ -1,29 +1,31 @@
-"""``torch.compile`` of a method's encoders for training, and eager calls for evaluation.
+"""Compiled calls: ``torch.compile`` of a method's encoders for training, eager calls for
+evaluation.
 
-A training step at batch 256 on one GPU waits on the host issuing a few thousand small kernel
-launches (``benchmarks/step_profile.py``). Compiling the backbone fuses its element-wise work;
-the ``reduce-overhead`` mode also replays each compiled call as one CUDA graph, which removes
-most of those launches. The online backbone is compiled, and so are its EMA copies (BYOL's,
-MoCo's and DINO's target backbones), which run a forward of the same shapes every step.
+Why: a training step at batch 256 on one GPU waits on the host issuing a few thousand small
+kernel launches; compiling the backbone fuses its element-wise work, and the ``reduce-overhead``
+mode replays each compiled call as one CUDA graph (measurements:
+results/benchmarks/NOTES.md#compiled-gpu-step). The online backbone is compiled, and so are its
+EMA copies (BYOL's, MoCo's and DINO's target backbones), which run a forward of the same shapes
+every step.
 
 Evaluation (kNN, linear probe, collapse diagnostics) runs the same modules in eval mode on
 batches of other sizes; :func:`eager` runs them uncompiled there, so that evaluation never
 recompiles, records graphs of every batch size, or differs from a run that was not compiled.
+Multi-process (DDP) runs are not compiled (:func:`or_core.training_run.build_run` warns), as
+that combination is untested.
 
-With ``reduce-overhead`` a BYOL + SO step at batch 256 runs roughly twice as fast as eager,
-with the same losses to bf16 precision (measurements:
-results/benchmarks/NOTES.md#compiled-gpu-step). Multi-process (DDP) runs are not compiled
-(:func:`or_core.training_run.build_run` warns), as that combination is untested.
+Only public APIs: ``nn.Module.compile``, ``torch.compiler.set_stance`` and
+``torch.compiler.cudagraph_mark_step_begin``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
+import torch
 from torch import nn
 
-__all__ = ["COMPILE_MODES", "compile_encoders", "compile_mode", "eager"]
+__all__ = ["COMPILE_MODES", "compile_encoders", "compile_mode", "eager", "mark_step_begin"]
 
 #: ``torch.compile`` modes accepted by the ``compile`` setting (``True`` means ``"default"``).
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -59,15 +61,15 @@ def compile_encoders(method: nn.Module, mode: str, **compile_kwargs) -> list[nn.
     return encoders
 
 
-@contextlib.contextmanager
-def eager(module: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, calls of ``module`` (compiled by ``nn.Module.compile``) run eagerly."""
-    compiled = module.__dict__.get("_compiled_call_impl")
-    if compiled is None:
-        yield module
-        return
-    module._compiled_call_impl = None
-    try:
-        yield module
-    finally:
-        module._compiled_call_impl = compiled
+def eager() -> contextlib.AbstractContextManager[None]:
+    """Within the block, every compiled call (``nn.Module.compile``, ``torch.compile``) runs
+    eagerly: neither compiled nor recompiled, and no CUDA graph recorded or replayed."""
+    return torch.compiler.set_stance("force_eager")
+
+
+def mark_step_begin(compiled: str | None) -> None:
+    """Start a training step of a run whose encoders were compiled in ``compiled`` mode
+    (``None``: not compiled, nothing to do): for CUDA graph trees a new iteration begins, so the
+    outputs of the last step's graphs may be overwritten."""
+    if compiled is not None:
+        torch.compiler.cudagraph_mark_step_begin()
