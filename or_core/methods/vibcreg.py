@@ -37,9 +37,10 @@ class IterNorm(nn.Module):
     then ``weight * output + bias`` with ``affine``. Trace normalization puts the eigenvalues of
     ``Sigma_N`` in (0, 1], where the iteration converges; a small ``T`` whitens the strong
     directions and leaves the weak ones partly unwhitened (the paper's point). Keep ``T`` small:
-    in float32 this uncoupled Newton iteration amplifies its rounding errors once converged
-    (measured on 4 x 4 groups: closest to ``Sigma^{-1/2}`` at about 10 steps, diverging past
-    15). In eval mode the
+    in float32 this uncoupled Newton iteration amplifies its rounding errors once converged, the
+    sooner the worse the conditioning (measured on 4 x 4 groups: with singular values
+    0.6..1.4, within 1e-6 of ``Sigma^{-1/2}`` from 10 steps to 20; with a random mixing, closest
+    at 10 steps, diverging past 15). In eval mode the
     running mean and whitening matrix (momentum ``momentum``) are used. Computed in float32.
 
     Groups: ``c = ceil(D / num_groups)`` channels, halved until it divides ``D``; ``D // c``
@@ -219,7 +220,8 @@ class VIbCReg(SSLMethod):
         groups = super().parameter_groups(weight_decay, exclude_bias_and_norm)
         if exclude_bias_and_norm:
             decay, no_decay = groups
-            norm = {id(p) for m in self.modules() if isinstance(m, IterNorm) for p in m.parameters()}
+            iternorms = [m for m in self.modules() if isinstance(m, IterNorm)]
+            norm = {id(p) for m in iternorms for p in m.parameters()}
             no_decay["params"] += [p for p in decay["params"] if id(p) in norm]
             decay["params"] = [p for p in decay["params"] if id(p) not in norm]
         return groups
