@@ -494,17 +494,32 @@ def _lightly_transforms(method: str) -> list:
         SimSiamTransform,
         SwaVTransform,
         VICRegTransform,
+        WMSETransform,
     )
+    from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
 
+    if method == "ressl":  # lightly has no ReSSL transform: its two views from BYOL's, as set
+        strong = BYOLView1Transform(gaussian_blur=0.5)  # solo-learn augmentations/ressl.yaml
+        weak = BYOLView2Transform(cj_prob=0.0, random_gray_scale=0.0, gaussian_blur=0.0,
+                                  solarization_prob=0.0)
+        return [strong, weak]
+    if method == "vibcreg":  # solo-learn vibcreg.yaml: VICReg's views at scale (0.2, 1), no blur
+        return list(VICRegTransform(min_scale=0.2, gaussian_blur=0.0).transforms)
     cls = {
+        "all4one": BYOLTransform,
         "byol": BYOLTransform,
         "byol_whitening": BYOLTransform,
         "barlowtwins": BYOLTransform,
+        "deepclusterv2": SimCLRTransform,
         "simclr": SimCLRTransform,
         "nnclr": SimCLRTransform,
         "mocov2": MoCoV2Transform,
+        "mocov3": BYOLTransform,
+        "nnbyol": BYOLTransform,
+        "nnsiam": BYOLTransform,
         "simsiam": SimSiamTransform,
         "vicreg": VICRegTransform,
+        "wmse": WMSETransform,
         "dino": DINOTransform,
         "swav": SwaVTransform,
     }[method]

@@ -31,10 +31,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 # The methods this package ships; a method added as a new module is registered beside them.
 BUILT_IN_METHODS = {
-    "barlowtwins", "byol", "byol_whitening", "dino", "mocov2",
-    "nnclr", "simclr", "simsiam", "swav", "vicreg",
+    "all4one", "barlowtwins", "byol", "byol_whitening", "deepclusterv2", "dino", "mocov2",
+    "mocov3", "nnbyol", "nnclr", "nnsiam", "ressl", "simclr", "simsiam", "swav", "vibcreg",
+    "vicreg", "wmse",
 }
-EMA_METHODS = ["byol", "byol_whitening", "dino", "mocov2"]
+EMA_METHODS = ["all4one", "byol", "byol_whitening", "dino", "mocov2", "mocov3", "nnbyol", "ressl"]
 
 IMAGE_SIZE = 32
 LOCAL_SIZE = 16
@@ -43,16 +44,25 @@ BATCH = 16
 # Small heads (the published sizes are thousands wide) on top of proj_hidden_dim and
 # proj_output_dim, which every method takes; a method not listed keeps its other defaults.
 SMALL_HEADS: dict[str, dict] = {
+    "all4one": dict(pred_hidden_dim=64, queue_size=128),
     "barlowtwins": {},
     "byol": dict(pred_hidden_dim=64),
     "byol_whitening": dict(pred_hidden_dim=64),
+    "deepclusterv2": dict(num_prototypes=(16, 24), memory_size=64),
     "dino": dict(num_prototypes=256, num_local_views=2),
     "mocov2": dict(queue_size=128),
+    "mocov3": dict(pred_hidden_dim=64),
+    "nnbyol": dict(pred_hidden_dim=64, queue_size=128),
     "nnclr": dict(pred_hidden_dim=64, queue_size=128),
+    "nnsiam": dict(pred_hidden_dim=16, queue_size=128),
+    "ressl": dict(queue_size=128),
     "simclr": {},
     "simsiam": dict(pred_hidden_dim=16),
     "swav": dict(num_prototypes=64, queue_length=32, num_local_views=2),
+    "vibcreg": {},
     "vicreg": {},
+    # a whitened sub-batch of 8 (the smallest batch here) needs at most 4 dimensions
+    "wmse": dict(proj_output_dim=4, whitening_size=8),
 }
 
 
@@ -109,8 +119,7 @@ def make_backbone() -> tuple[nn.Module, int]:
 def make_method(name: str, **kwargs) -> SSLMethod:
     torch.manual_seed(0)
     backbone, feature_dim = make_backbone()
-    args = dict(proj_hidden_dim=64, proj_output_dim=32, **SMALL_HEADS.get(name, {}))
-    args.update(kwargs)
+    args = {"proj_hidden_dim": 64, "proj_output_dim": 32, **SMALL_HEADS.get(name, {}), **kwargs}
     return build_method(name, backbone, feature_dim, **args)
 
 
@@ -218,7 +227,7 @@ def test_profile_settings_name_known_profiles_and_config_fields():
     from or_core.config import PROFILES, method_profile_settings
 
     declared = {name: cls.profile_settings for name, cls in METHODS.items() if cls.profile_settings}
-    assert set(declared) == {"dino", "swav"}  # the cpu profile's two exceptions
+    assert set(declared) == {"deepclusterv2", "dino", "swav", "wmse"}  # the small profiles' exceptions
     for name, settings in declared.items():
         assert set(settings) <= set(PROFILES), name
         for profile in settings:
@@ -469,7 +478,7 @@ def test_state_dict_round_trip_resumes_exactly(name, images, tmp_path):
     assert state.keys() == resumed_state.keys()
     for key, value in state.items():
         assert isinstance(value, Tensor) and torch.equal(value, resumed_state[key]), key
-    if name in ("mocov2", "nnclr", "swav"):
+    if name in ("all4one", "deepclusterv2", "mocov2", "nnbyol", "nnclr", "nnsiam", "ressl", "swav"):
         assert any(key.endswith("bank") for key in state), "memory banks are saved"
 
 

@@ -158,7 +158,10 @@ def test_augmenting_several_batches_at_once_covers_every_batch_and_resumes_exact
 
 @pytest.mark.parametrize("method", available_methods())
 def test_every_method_trains_with_a_finite_loss(method: str, data_root: Path, tmp_path: Path) -> None:
-    cfg = tiny(data_root, method=method, regularizer="so", epochs=1, subset=256)
+    heads = {"proj_hidden_dim": 64, "proj_output_dim": 32}
+    if method == "wmse":  # whitened sub-batches of 64 (the batch), at least twice the projection
+        heads["whitening_size"] = 64
+    cfg = tiny(data_root, method=method, regularizer="so", epochs=1, subset=256, method_kwargs=heads)
     run = build_run(cfg)
     before = {k: v.clone() for k, v in run.method.backbone.state_dict().items()}
     summary = pretrain(cfg, tmp_path, show_progress=False)
