@@ -237,7 +237,7 @@ def test_the_paired_cpu_matrix_has_its_seeds_per_arm_and_no_leak(tmp_path: Path)
     assert grid == {key: len(matrix.choose["grids"][key[1]]) * len(seeds) for key in chosen}
     # the header's counts, and parts that run on their own
     pending = run_matrix(path, tmp_path / "work", results=tmp_path / "results", dry_run=True)
-    assert (len(selection), len(comparisons), len(pending)) == (36, 74, 110)
+    assert (len(selection), len(comparisons), len(pending)) == (36, 82, 118)
     header = f"{len(pending)} trainings = {len(selection)} selection runs + {len(comparisons)} comparison runs"
     assert header in path.read_text()
     byol = run_matrix(path, tmp_path / "work", groups=["byol"], results=tmp_path / "results", dry_run=True)

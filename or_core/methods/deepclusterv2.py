@@ -17,13 +17,8 @@ from lightly.utils import dist
 from torch import Tensor, nn
 
 from or_core.augment import ViewConfig
-from or_core.methods.base import (
-    OptimizerDefaults,
-    SSLMethod,
-    persistent_memory_bank,
-    read_counter,
-    write_counter,
-)
+from or_core.fast_path.host_counters import read_counter, write_counter
+from or_core.methods.base import OptimizerDefaults, SSLMethod, persistent_memory_bank
 from or_core.methods.view_recipes import simclr_views
 
 __all__ = ["DeepClusterV2", "spherical_kmeans"]
