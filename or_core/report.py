@@ -57,6 +57,8 @@ from or_core.records import load_records
 
 __all__ = [
     "METRICS",
+    "METHOD_LABELS",
+    "method_label",
     "COMPARED_REGULARIZERS",
     "SUPPORTED",
     "NO_EFFECT",
@@ -124,7 +126,22 @@ COLUMNS = (
     "wall_time_s", "images_per_s", "device",
 )
 _RUN_KEYS = ["scale", "method", "dataset", "regularizer", "seed"]
+#: How the book writes each method, in every figure and table (never ``byol`` in one and
+#: ``BYOL`` in the next).
+METHOD_LABELS = {
+    "barlowtwins": "Barlow Twins", "byol": "BYOL", "byol_whitening": "BYOL + whitening", "dino": "DINO",
+    "mocov2": "MoCo v2", "nnclr": "NNCLR", "simclr": "SimCLR", "simsiam": "SimSiam", "swav": "SwaV",
+    "vicreg": "VICReg",
+}
+
+
+def method_label(method: str) -> str:
+    """The book's name of a method (:data:`METHOD_LABELS`): ``"byol"`` -> ``"BYOL"``; an
+    unknown name is returned as it is."""
+    return METHOD_LABELS.get(method, method)
+
 _LABELS = {"none": "none", "so": "SO", "srip": "SRIP"}
+_DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 _METRIC_NAMES = {
     "val_knn_top1": "validation kNN top-1 (held-out training images)",
     "knn_top1": "test kNN top-1",
@@ -473,7 +490,7 @@ def gamma_response_panels(
     for metric in metrics:
         series, chosen, spread = {}, {}, {}
         for reg, part in _over_seeds(regularized, ["regularizer", "gamma"], metric).groupby("regularizer", sort=True):
-            label = f"{method} + {_LABELS.get(reg, reg)}"
+            label = f"{method_label(method)} + {_LABELS.get(reg, reg)}"
             series[label] = (part["gamma"], part["mean"], part["outside"].tolist())
             spread[label] = (part["low"], part["high"])
             several |= bool((part["seeds"] > 1).any())
@@ -482,7 +499,7 @@ def gamma_response_panels(
         baselines, baseline_spread = {}, {}
         values = base[metric].dropna()
         if len(values):
-            label = f"{method} without OR{_seeds_text(len(values))}"
+            label = f"{method_label(method)} without OR{_seeds_text(len(values))}"
             baselines[label] = float(values.mean())
             baseline_spread[label] = (float(values.min()), float(values.max()))
             several |= len(values) > 1
@@ -492,7 +509,7 @@ def gamma_response_panels(
         })
     bands = ("\n(points and dashed line: mean over the seeds recorded; bars and band: min to max over them)"
              if several else "")
-    title = (f"{method} on {dataset}: accuracy against gamma {_scale_tag(runs)}\n"
+    title = (f"{method_label(method)} on {_DATASET_LABELS.get(dataset, dataset)}: accuracy against gamma {_scale_tag(runs)}\n"
              f"(filled: the paper's grid; hollow: outside it; ringed: chosen on validation){bands}")
     return panels, title
 
@@ -531,7 +548,8 @@ def figure3_runs(
 ) -> dict[str, list[Mapping[str, Any]]]:
     """The runs of Figure 3: one method without OR, with SO and with SRIP, the ones recorded,
     each with every seed recorded (``seed``: only that one)."""
-    wanted = {f"{method}": (method, "none"), f"{method} + SO": (method, "so"), f"{method} + SRIP": (method, "srip")}
+    name = method_label(method)
+    wanted = {name: (method, "none"), f"{name} + SO": (method, "so"), f"{name} + SRIP": (method, "srip")}
     return _pick(records_frame(records), records, wanted, dataset, seed)
 
 

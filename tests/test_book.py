@@ -314,6 +314,90 @@ def test_plots_return_figures_with_log_scales(plots) -> None:
     assert fig.axes[0].get_yscale() == "log" and len(fig.axes[0].lines) == 2
 
     fig = plots.plot_or_cost({"fast": [0.001, 0.002], "slow": [1.0, 1.2]})
-    assert fig.axes[0].get_xscale() == "log"  # medians 500x apart
+    assert fig.axes[0].get_xscale() == "linear"  # bars on a linear axis even 500x apart
     fig = plots.plot_or_cost({"a": [0.01], "b": [0.02]}, unit="s")
     assert fig.axes[0].get_xscale() == "linear"
+
+
+def _book_figures(plots) -> dict:
+    """One figure of every kind the book draws, from the committed records where it draws records."""
+    import torch
+
+    from or_core import report, run_dirs
+
+    records = report.load_folder(REPO_ROOT / "results" / "matrix_cpu")
+    frame = report.records_frame(records)
+    benchmark = json.loads((REPO_ROOT / "results" / "benchmarks" / "or_overhead_cpu.json").read_text())
+    runs = [r for r in run_dirs.load_run_dirs(REPO_ROOT / "results" / "gpu_runs") if r.name.endswith("_30ep_h100")]
+    return {
+        "spectra": plots.plot_spectra({"untrained": torch.rand(64), "BYOL": torch.rand(64), "BYOL + SO": torch.rand(64)}),
+        "curves": plots.plot_curves({"a": [3.0, 2.0, 1.0], "b": [2.0, 1.5, 1.2]}, "t", hlines={"floor": 1.0}),
+        "trajectories": plots.plot_singular_value_trajectories({k: torch.rand(5, 4) for k in ("a", "b", "c", "d")}),
+        "power iteration": plots.plot_power_iteration({"starts": torch.rand(4, 10) + 1e-3}),
+        "or cost": plots.plot_or_cost({"none": [0.001], "SO": [0.002], "SRIP": [0.004]}),
+        "panels": plots.plot_spectra_panels({f"layer{i}": {"BYOL": torch.rand(16)} for i in range(4)}, "t"),
+        "gamma response": plots.gamma_response(frame),
+        "figure 2": plots.figure2(records),
+        "weights": plots.spectra_figure(records, "weights"),
+        "figure 3": plots.stage_spectra_figure(records),
+        "overhead": plots.overhead_figure(benchmark),
+        "history": plots.history_figure(runs, title="BYOL, CIFAR-10, 30 epochs [gpu runs]"),
+    }
+
+
+def test_every_figure_is_drawn_at_the_width_it_is_shown_with_readable_text(plots) -> None:
+    """The book shows a figure at most about 690 px wide: drawn wider, it is scaled down and its
+    text shrinks (1,451 px figures had tick labels about 5 px tall). Saved as the inline
+    backend saves it (tight box, the figure's dpi), every figure fits, and no text of it is
+    smaller than MIN_FONT_PT, which at the figure's dpi is at least 9 px."""
+    import io
+
+    from PIL import Image
+
+    assert plots.MIN_FONT_PT * plots.DPI / 72 >= 9
+    for name, fig in _book_figures(plots).items():
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+        width = Image.open(io.BytesIO(buffer.getvalue())).size[0]
+        assert fig.dpi == plots.DPI, name
+        assert width <= 690, f"{name}: {width} px wide"
+        texts = [t for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text"))
+                 if t.get_visible() and t.get_text().strip()]
+        small = {t.get_text(): t.get_fontsize() for t in texts if t.get_fontsize() < plots.MIN_FONT_PT}
+        assert not small, f"{name}: text below {plots.MIN_FONT_PT} pt: {small}"
+
+
+def test_a_condition_looks_the_same_in_every_figure(plots) -> None:
+    """BYOL + SO is one colour in Figure 2, Figure 3, the gamma response and a spectra plot
+    whatever the other lines are; the labels name BYOL as BYOL everywhere."""
+    import torch
+
+    from or_core import report
+
+    records = report.load_folder(REPO_ROOT / "results" / "matrix_cpu")
+    figures = [plots.figure2(records), plots.stage_spectra_figure(records), plots.gamma_response(report.records_frame(records)),
+               plots.plot_spectra({"untrained": torch.rand(8), "BYOL + SO (effective rank 3.1)": torch.rand(8)})]
+    seen: dict[str, set] = {}
+    for fig in figures:
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                label = line.get_label()
+                if label.startswith("_"):
+                    continue
+                assert "byol" not in label, f"lower-case method name in {label!r}"
+                key = plots.condition_of(label)
+                if key is not None:
+                    seen.setdefault(key, set()).add(line.get_color())
+    assert {"so", "none", "srip", "whitening", "untrained"} <= set(seen), seen
+    assert all(colors == {plots.CONDITIONS[key].color} for key, colors in seen.items()), seen
+    assert len({c.color for c in plots.CONDITIONS.values()}) == len(plots.CONDITIONS)
+    # labels that are no condition, or two of one condition, fall back to distinct styles
+    styles = plots.condition_style(["BYOL + SO, seed 0", "BYOL + SO, seed 1"])
+    assert styles[0]["color"] != styles[1]["color"]
+
+
+def test_two_points_are_points_not_a_curve(plots) -> None:
+    fig = plots.plot_curves({"BYOL": [1.0, 2.0], "BYOL + SO": [1.0, 2.0, 2.5]}, logy=False)
+    two, three = fig.axes[0].get_lines()
+    assert two.get_linestyle() == "None" and two.get_marker() not in (None, "None", "")
+    assert three.get_linestyle() != "None"
