@@ -71,6 +71,7 @@ __all__ = [
     "spectra_figure",
     "figure2",
     "save_spectra_figure",
+    "save_if_changed",
     "stage_spectra_figure",
     "overhead_figure",
     "history_figure",
@@ -707,12 +708,39 @@ def save_spectra_figure(
 ) -> Figure:
     """:func:`figure2` of ``records`` (of scale ``expected``) saved as ``path``, the README's
     figure. When ``records`` hold none of its runs, ``fallback``'s are drawn instead and the
-    title says so (:func:`or_core.report.spectra_fallback`)."""
+    title says so (:func:`or_core.report.spectra_fallback`).
+
+    The file is committed and rewritten at every build of the book, so it is left as it is
+    when it already holds the same pixels (and saved without the PNG's "Software" entry, which
+    names matplotlib's version): a build where nothing changed leaves the repository clean."""
     records, title = report.spectra_fallback(records, fallback, expected)
     fig = figure2(records, title=title)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    save_if_changed(fig, path, dpi=dpi)
     return fig
+
+
+def save_if_changed(fig: Figure, path: str | Path, dpi: int = DPI) -> bool:
+    """Save ``fig`` as the PNG ``path`` unless the file there already shows the same pixels;
+    returns whether it wrote. No "Software" metadata is written, so the bytes depend on the
+    pixels and the PNG encoder only."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+    data = buffer.getvalue()
+    path = Path(path)
+    if path.is_file():
+        old = path.read_bytes()
+        if old == data:
+            return False
+        with Image.open(io.BytesIO(old)) as before, Image.open(io.BytesIO(data)) as after:
+            if before.size == after.size and before.convert("RGBA").tobytes() == after.convert("RGBA").tobytes():
+                return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return True
 
 
 def stage_spectra_figure(
