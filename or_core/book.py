@@ -21,7 +21,7 @@ Steps:
    ``book/generated/html/notebooks/<notebook>/`` (:class:`or_core.report.TableView`), and the
    cell papermill injects is tagged ``remove-cell`` like the Colab cell.
 2. The intro's claims table and figure (:func:`write_intro`) into ``book/generated/``, from the
-   cpu-small records.
+   cpu-small records, and the reproduce page's cost table, from the measured GPU runs.
 3. ``jupyter-book build book --all -W -n --keep-going``: every page rebuilt, a warning fails
    the build. The HTML lands in ``book/_build/html``.
 
@@ -355,6 +355,21 @@ def write_intro(book_dir: Path = BOOK_DIR, results: Path = REPO_ROOT / "results"
         ]
     path = generated / "claims.md"
     path.write_text("\n".join(lines) + "\n")
+    _write_costs(generated, results)
+    return path
+
+
+def _write_costs(generated: Path, results: Path) -> Path:
+    """``<book>/generated/cost.md``, the reproduce page's cost table, from the measured run
+    directories of ``results/gpu_runs`` (:mod:`or_core.costs`)."""
+    from or_core import costs
+    from or_core.run_dirs import load_run_dirs
+
+    measured = costs.measured_runs(load_run_dirs(results / "gpu_runs"))
+    matrices = [REPO_ROOT / "configs" / name for name in ("matrix_gpu.yaml", "matrix_paper.yaml")]
+    table = costs.matrix_costs([m for m in matrices if m.is_file()], measured)
+    path = generated / "cost.md"
+    path.write_text(costs.costs_markdown(table) + "\n" if len(table) else "No measured run yet.\n")
     return path
 
 

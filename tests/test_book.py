@@ -584,6 +584,10 @@ def test_the_intro_opens_with_the_claims_table_of_the_records(tmp_path: Path) ->
     for label, _ in report.CLAIM_SECTIONS.values():
         assert f"({label})=" in figures, label
     assert "{include} generated/claims.md" in (BOOK / "intro.md").read_text()
+    # and the reproduce page's cost table, from the measured GPU runs
+    cost = (tmp_path / "generated" / "cost.md").read_text()
+    assert cost.startswith("| matrix |") and "`matrix_gpu.yaml`" in cost
+    assert "{include} generated/cost.md" in (BOOK / "reproduce.md").read_text()
 
 
 def test_published_baselines_stand_beside_ours_with_their_protocols() -> None:
