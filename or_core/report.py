@@ -1099,7 +1099,7 @@ def claims_markdown(headline: pd.DataFrame, sections: Mapping[str, tuple[str, st
     broken link fails the strict build."""
     sections = CLAIM_SECTIONS if sections is None else sections
     header = ["claim", "scale", "best-powered comparison", "effect", "95% CI", "seeds", "verdict",
-              f"comparisons with >= {stats.MIN_SEEDS} seeds", "where"]
+              f"with >= {stats.MIN_SEEDS} seeds", "where"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for key, row in headline.iterrows():
         label, text = sections.get(str(key), (None, ""))
