@@ -15,9 +15,21 @@ Steps:
    ``notebooks/profiles/<profile>.yaml``, a flat mapping shared by all notebooks; each notebook
    receives the keys its ``parameters`` cell declares. A provenance note (command, date, run
    time, machine, versions, commit) is added below the notebook's title. A failing notebook
-   stops everything with its name and the failing cell.
-2. ``jupyter-book build book --all -W -n --keep-going``: every page rebuilt, a warning fails
+   stops everything with its name and the failing cell. The kernel runs without progress bars
+   (``TQDM_DISABLE=1``: a bar's carriage returns are noise on a static page; a reader running
+   the notebook still gets them), writes each table's CSV into
+   ``book/generated/html/notebooks/<notebook>/`` (:class:`or_core.report.TableView`), and the
+   cell papermill injects is tagged ``remove-cell`` like the Colab cell.
+2. The intro's claims table and figure (:func:`write_intro`) into ``book/generated/``, from the
+   cpu-small records, and the reproduce page's cost table, from the measured GPU runs.
+3. ``jupyter-book build book --all -W -n --keep-going``: every page rebuilt, a warning fails
    the build. The HTML lands in ``book/_build/html``.
+
+Nothing of this writes into the repository's tracked files but ``results/figures/`` (notebook
+05, byte-identical when the records and the code are unchanged); in the cpu profile the ci-scale
+records the notebooks regenerate go to ``records_out`` (``~/.cache/or_core/book-records``), so
+that building a clean clone leaves it clean, and every page's note says "with uncommitted
+changes" only when the sources were changed before the build began.
 
 Inside a notebook, :func:`apply_profile` lets a reader switch profiles by editing one line
 (``profile = "gpu"``) instead of every size.
@@ -50,6 +62,9 @@ __all__ = [
     "find_notebooks",
     "execute_notebook",
     "build_book",
+    "write_intro",
+    "records_dir",
+    "GENERATED_SUBDIR",
     "prepare_shared_datasets",
     "main",
 ]
@@ -61,6 +76,10 @@ PROFILES_DIR = NOTEBOOKS_DIR / "profiles"
 BOOK_DIR = REPO_ROOT / "book"
 #: Where the executed notebooks go, relative to the book's root (git-ignored).
 EXECUTED_SUBDIR = "notebooks"
+#: Where the build writes what the pages include but git does not track (relative to the book).
+GENERATED_SUBDIR = "generated"
+#: Tags the book's pages read: the cells they leave out, and the code they fold.
+REMOVE_CELL, HIDE_INPUT = "remove-cell", "hide-input"
 #: The profile whose values the notebooks' ``parameters`` cells hold.
 DEFAULT_PROFILE = "cpu"
 KERNEL = "python3"
@@ -192,12 +211,24 @@ def _provenance_markdown(info: dict[str, Any]) -> str:
     )
 
 
+def records_dir(records_out: str | Path, *parts: str) -> Path:
+    """``records_out`` (a notebook's parameter: where its records go) with ``~`` expanded, and
+    ``parts`` below it: ``records_dir("~/.cache/or_core/book-records", "notebooks")``."""
+    return Path(records_out).expanduser().joinpath(*parts)
+
+
 def _add_provenance(path: Path, info: dict[str, Any]) -> None:
-    """Record ``info`` in the executed notebook: metadata, and a note under its title."""
+    """Record ``info`` in the executed notebook: metadata, and a note under its title. The
+    cell papermill injected (its ``injected-parameters`` tag) is tagged ``remove-cell``: the page
+    shows the profile in the note, not as code."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
     nb.metadata["or_core"] = info
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if "injected-parameters" in tags and REMOVE_CELL not in tags:
+            cell.metadata["tags"] = [*tags, REMOVE_CELL]
     cell = nbformat.v4.new_markdown_cell(_provenance_markdown(info))
     cell.metadata["tags"] = ["provenance"]
     titles = [
@@ -214,11 +245,15 @@ def execute_notebook(
     *,
     kernel: str = KERNEL,
     command: str = "python -m or_core.book",
+    tables_dir: Path | None = None,
+    git_dirty: bool | None = None,
 ) -> float:
     """Execute ``source`` with papermill into ``output`` with ``profile``'s parameters.
 
     The working directory is the source's folder (``notebooks/``), so that relative paths
-    (``profiles/``, ``../results``) work as they do for a reader.
+    (``profiles/``, ``../results``) work as they do for a reader. ``tables_dir``: where the
+    notebook's tables write their CSV (:data:`or_core.report.TABLES_ENV`). ``git_dirty``: the
+    state of the sources when the build began, for the page's note (default: now).
 
     Returns:
         The seconds it took.
@@ -231,7 +266,17 @@ def execute_notebook(
 
     params = notebook_parameters(source, load_profile(profile))
     output.parent.mkdir(parents=True, exist_ok=True)
+    from or_core.report import TABLES_ENV
+
     start = time.perf_counter()
+    # The kernel inherits this process's environment: no progress bars, the tables' CSV folder.
+    kernel_env = {"TQDM_DISABLE": "1", TABLES_ENV: str(tables_dir) if tables_dir is not None else None}
+    saved = {name: os.environ.get(name) for name in kernel_env}
+    for name, value in kernel_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     try:
         papermill.execute_notebook(
             str(source),
@@ -249,9 +294,83 @@ def execute_notebook(
         ) from None
     except Exception as err:  # kernel start-up, dead kernel, timeout, missing kernel spec
         raise BookError(f"notebook {source.name} could not be executed: {type(err).__name__}: {err}") from err
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     seconds = time.perf_counter() - start
-    _add_provenance(output, provenance(str(profile), seconds, command))
+    info = provenance(str(profile), seconds, command)
+    if git_dirty is not None:
+        info["git_dirty"] = git_dirty
+    _add_provenance(output, info)
     return seconds
+
+
+def write_intro(book_dir: Path = BOOK_DIR, results: Path = REPO_ROOT / "results") -> Path:
+    """The intro's answer, regenerated from the records: ``<book>/generated/claims.md`` (one row
+    per claim at the cpu-small scale: :func:`or_core.report.headline_claims`, with links to the
+    sections that show them; the scale's recipe from :func:`or_core.config.recipe`) and the
+    figure it shows (``results/figures/spectra_cpu_small.png``, copied beside it). Also makes
+    ``<book>/generated/html``, the folder the build copies as it is (the tables' CSV files).
+    Returns the Markdown file."""
+    import shutil
+
+    from or_core import report, stats
+    from or_core.config import recipe
+
+    generated = book_dir / GENERATED_SUBDIR
+    (generated / "html").mkdir(parents=True, exist_ok=True)
+    records = report.load_folder(results / "matrix_cpu")
+    frame = report.records_frame(records)
+    table = report.claims(frame, records)
+    headline = report.headline_claims(table)
+    headline.to_csv(generated / "html" / "claims.csv")  # served beside the intro page
+    figure = results / "figures" / "spectra_cpu_small.png"
+    lines = [
+        f"Each claim of the paper, checked on the {len(records)} **{report.scale_label(frame)}** records of "
+        f"`results/matrix_cpu/` ({recipe('cpu_small')}). Per claim, the comparison with the most seeds: "
+        f"the mean paired difference over its seeds (> 0 agrees with the paper), its paired-t 95% interval "
+        f"and the verdict ({stats.RULE}). The other comparisons, and every number behind these, are in "
+        "the section each row links to.",
+        "",
+        report.claims_markdown(headline),
+        "",
+        '<p class="or-table-csv"><a href="claims.csv" download="claims.csv">claims.csv</a> (this table; every '
+        'comparison of every claim is in the CSV files of notebook 05)</p>',
+        "",
+    ]
+    if figure.is_file():
+        shutil.copyfile(figure, generated / figure.name)
+        lines += [
+            f"```{{figure}} {GENERATED_SUBDIR}/{figure.name}",
+            ":name: intro-figure2",
+            ":width: 100%",
+            "",
+            "The figure that shows the answer best: normalized eigenvalue spectra of a weight, of hidden "
+            "features and of the representation for BYOL, BYOL + whitening and BYOL + SO, from the same "
+            "records (the paper's Figure 2; {ref}`figures-spectra` has the others).",
+            "```",
+        ]
+    path = generated / "claims.md"
+    path.write_text("\n".join(lines) + "\n")
+    _write_costs(generated, results)
+    return path
+
+
+def _write_costs(generated: Path, results: Path) -> Path:
+    """``<book>/generated/cost.md``, the reproduce page's cost table, from the measured run
+    directories of ``results/gpu_runs`` (:mod:`or_core.costs`)."""
+    from or_core import costs
+    from or_core.run_dirs import load_run_dirs
+
+    measured = costs.measured_runs(load_run_dirs(results / "gpu_runs"))
+    matrices = [REPO_ROOT / "configs" / name for name in ("matrix_gpu.yaml", "matrix_paper.yaml")]
+    table = costs.matrix_costs([m for m in matrices if m.is_file()], measured)
+    path = generated / "cost.md"
+    path.write_text(costs.costs_markdown(table) + "\n" if len(table) else "No measured run yet.\n")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,6 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command += f" --profile {args.profile}"
     timings: dict[str, float] = {}
     total = time.perf_counter()
+    from or_core.provenance import git_dirty
+
+    dirty_at_start = git_dirty()  # the notebooks' own outputs must not count as changes to the sources
     try:
         if not args.skip_execute:
             load_profile(args.profile)  # fail early on an unknown profile
@@ -348,13 +470,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for source in sources:
                 print(f"executing {source.name} ({args.profile} profile) ...", flush=True)
                 seconds = execute_notebook(
-                    source, executed_dir / source.name, args.profile, kernel=args.kernel, command=command
+                    source, executed_dir / source.name, args.profile, kernel=args.kernel, command=command,
+                    tables_dir=book_dir / GENERATED_SUBDIR / "html" / EXECUTED_SUBDIR / source.stem,
+                    git_dirty=dirty_at_start,
                 )
                 timings[source.name] = seconds
                 print(f"  {source.name}: {seconds:.1f} s", flush=True)
         if not args.skip_build:
             if not list(executed_dir.glob("*.ipynb")):
                 raise BookError(f"no executed notebooks in {executed_dir}: run without --skip-execute")
+            write_intro(book_dir)
             timings["jupyter-book build"] = build_book(book_dir)
     except BookError as err:
         print(f"error: {err}", file=sys.stderr)

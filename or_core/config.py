@@ -34,9 +34,11 @@ __all__ = [
     "PretrainConfig",
     "PROFILES",
     "check_field",
+    "config_recipe",
     "fit_to_data",
     "load_yaml",
     "method_profile_settings",
+    "recipe",
     "resolve_config",
 ]
 
@@ -480,3 +482,40 @@ def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+def _count(n: int | None, what: str, otherwise: str) -> str:
+    return f"{n:,} {what}" if n else otherwise
+
+
+def config_recipe(cfg: PretrainConfig, dataset: str | None = None) -> str:
+    """A resolved config's training and evaluation recipe in one Markdown sentence, so that a
+    page says what its numbers were made with and the sentence changes with the config:
+
+    ``"ResNet-18 at width 0.125, 20,480 CIFAR-10 training images, 5 epochs at batch 128, SGD
+    (lr 0.15, weight decay 0.0005, 1 warm-up epoch); kNN (k = 200, t = 0.1) and a 30-epoch
+    linear probe on 10,000 training / 2,000 test images; 2,000 held-out training images for
+    validation"``. Fields left to the method say "the method's". ``dataset``: the data set's
+    name in the sentence (default: from ``cfg.dataset``).
+    """
+    names = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+    dataset = dataset or names.get(Path(str(cfg.dataset)).name, Path(str(cfg.dataset)).name)
+    backbone = cfg.backbone.replace("resnet", "ResNet-")
+    width = f" at width {cfg.width:g}" if cfg.width != 1.0 else " (full width)"
+    optimizer = cfg.optimizer.upper() if cfg.optimizer else "the method's optimizer"
+    lr = f"lr {cfg.lr:g}" if cfg.lr is not None else "the method's lr"
+    wd = f"weight decay {cfg.weight_decay:g}" if cfg.weight_decay is not None else "the method's weight decay"
+    warmup = (f", {cfg.warmup_epochs} warm-up epoch{'s' if cfg.warmup_epochs != 1 else ''}"
+              if cfg.warmup_epochs else "")
+    probe = (f"kNN (k = {cfg.knn_k}, t = {cfg.knn_t:g}) and a {cfg.linear_epochs}-epoch linear probe on "
+             f"{_count(cfg.eval_train_subset, 'training', 'all training')} / "
+             f"{_count(cfg.eval_test_subset, 'test', 'all test')} images")
+    validation = f"; {cfg.val_images:,} held-out training images for validation" if cfg.val_images else ""
+    return (f"{backbone}{width}, {_count(cfg.subset, f'{dataset} training images', f'all {dataset} training images')}, "
+            f"{cfg.epochs} epochs at batch {cfg.batch_size}, {optimizer} ({lr}, {wd}{warmup}); {probe}{validation}")
+
+
+def recipe(profile: str, method: str = "byol", dataset: str | None = None) -> str:
+    """The recipe of a profile of :data:`PROFILES` for ``method`` (:func:`config_recipe` of
+    :func:`resolve_config`)."""
+    return config_recipe(resolve_config(profile, overrides={"method": method}), dataset)

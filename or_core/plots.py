@@ -14,6 +14,11 @@ by their largest value and drawn on a log scale.
   :func:`overhead_figure`;
 * from run directories: :func:`history_figure`.
 
+Every figure is drawn at the width the book displays it (:data:`DISPLAY_WIDTH_IN` at
+:data:`DPI`, so its PNG is shown at its natural size and no text is below :data:`MIN_FONT_PT`),
+and every condition (without OR, SO, SRIP, feature whitening, untrained) keeps one colour, marker
+and line style in all of them (:data:`CONDITIONS`, :func:`condition_style`).
+
 Example::
 
     from or_core import weight_spectra
@@ -28,9 +33,11 @@ figure once when the cell ends.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -44,6 +51,15 @@ from or_core import report
 from or_core.run_dirs import HISTORY_LABELS, RunDir
 
 __all__ = [
+    "DISPLAY_WIDTH_IN",
+    "DPI",
+    "MIN_FONT_PT",
+    "MIN_CURVE_POINTS",
+    "CONDITIONS",
+    "Condition",
+    "condition_of",
+    "condition_style",
+    "figure_context",
     "plot_spectra",
     "plot_curves",
     "plot_singular_value_trajectories",
@@ -55,6 +71,7 @@ __all__ = [
     "spectra_figure",
     "figure2",
     "save_spectra_figure",
+    "save_if_changed",
     "stage_spectra_figure",
     "overhead_figure",
     "history_figure",
@@ -64,6 +81,119 @@ __all__ = [
 STYLE = "whitegrid"
 #: Seaborn palette of categorical series (distinguishable with colour-vision deficiencies).
 PALETTE = "colorblind"
+
+#: Width of a figure, in inches: the book's content column at 1280 px is about 690 CSS px wide,
+#: so at :data:`DPI` a figure is shown at its natural size, never scaled down (which is what made
+#: 1,451 px figures' tick labels about 5 px tall).
+DISPLAY_WIDTH_IN = 6.7
+#: Pixels per inch of every figure (the inline backend saves at the figure's dpi).
+DPI = 100
+#: The smallest font of any text in a figure, in points: 7.5 pt at 100 dpi is 10.4 px, above
+#: the 9 px a reader needs.
+MIN_FONT_PT = 7.5
+#: A series with fewer points than this is drawn as markers only: two points joined by a line
+#: suggest a trend that two measurements cannot show.
+MIN_CURVE_POINTS = 3
+#: Font sizes of every figure (points). Sizes are fixed when an artist is created, so drawing
+#: inside :func:`figure_context` is enough.
+RC = {
+    "figure.dpi": DPI,
+    "font.size": 9.0,
+    "axes.titlesize": 9.0,
+    "axes.labelsize": 9.0,
+    "xtick.labelsize": 8.0,
+    "ytick.labelsize": 8.0,
+    "legend.fontsize": 8.0,
+    "legend.title_fontsize": 8.0,
+    "figure.titlesize": 9.5,
+}
+
+
+#: Line styles cycled with the colours, so that series drawn on top of each other stay visible.
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+class Condition(NamedTuple):
+    """How one condition is drawn in every figure."""
+
+    label: str
+    color: str
+    marker: str
+    linestyle: Any
+
+
+_CB = sns.color_palette(PALETTE).as_hex()
+#: One colour, marker and line style per condition, the same in every figure of the book: BYOL +
+#: SO is orange wherever it appears. Keys are what :func:`condition_of` finds in a label.
+CONDITIONS: dict[str, Condition] = {
+    "none": Condition("without OR", _CB[0], "o", "-"),
+    "so": Condition("SO", _CB[1], "s", "--"),
+    "srip": Condition("SRIP", _CB[2], "^", "-."),
+    "whitening": Condition("feature whitening", _CB[4], "D", (0, (1, 1))),
+    "untrained": Condition("untrained", "#7f7f7f", "x", ":"),
+}
+#: Colours of series that are no condition (synthetic spectra, layers, learning rates): the
+#: palette without the conditions' colours, so that no such series looks like one.
+_OTHER_COLORS = [c for c in _CB if c not in {cond.color for cond in CONDITIONS.values()}]
+
+
+def condition_of(label: str) -> str | None:
+    """The key of :data:`CONDITIONS` a series label names, or ``None``.
+
+    ``"BYOL + SO (gamma 1e-5)"`` -> ``"so"``, ``"byol + SRIP"`` -> ``"srip"``, ``"BYOL +
+    whitening"`` -> ``"whitening"``, ``"untrained"`` -> ``"untrained"``; a label naming only a
+    method, or saying ``none`` / ``no OR`` / ``without OR``, is ``"none"`` when it names a method
+    of :data:`or_core.report.METHOD_LABELS`. Anything else (``"isotropic"``) is ``None``.
+    """
+    text = label.lower()
+    words = set(re.findall(r"[a-z0-9_]+", text))
+    if "untrained" in words:
+        return "untrained"
+    if "whitening" in words:
+        return "whitening"
+    if "srip" in words:
+        return "srip"
+    if "so" in words:
+        return "so"
+    names = {m.lower() for m in report.METHOD_LABELS} | {v.lower() for v in report.METHOD_LABELS.values()}
+    if words & {"none"} or "no or" in text or "without or" in text or any(re.search(rf"\b{re.escape(n)}\b", text) for n in names):
+        return "none"
+    return None
+
+
+def condition_style(labels: Sequence[str]) -> list[dict[str, Any]]:
+    """``color``, ``marker`` and ``ls`` for each label: the condition's own
+    (:data:`CONDITIONS`) when every label names a different condition, else (two labels of
+    one condition, or labels that are no condition) the other colours in turn with the
+    line styles cycled, so that lines on top of each other stay apart."""
+    keys = [condition_of(label) for label in labels]
+    if keys and None not in keys and len(set(keys)) == len(keys):
+        return [{"color": CONDITIONS[k].color, "marker": CONDITIONS[k].marker, "ls": CONDITIONS[k].linestyle}
+                for k in keys]
+    colors = _OTHER_COLORS if len(labels) <= len(_OTHER_COLORS) else sns.color_palette(PALETTE, len(labels)).as_hex()
+    return [{"color": colors[i % len(colors)], "marker": None, "ls": LINESTYLES[i % len(LINESTYLES)]}
+            for i in range(len(labels))]
+
+
+@contextmanager
+def figure_context() -> Iterator[None]:
+    """The style and font sizes of every figure of the book (:data:`RC`, :data:`STYLE`)."""
+    with plt.rc_context(RC), sns.axes_style(STYLE):
+        yield
+
+
+def _width(fraction: float = 1.0) -> float:
+    return DISPLAY_WIDTH_IN * fraction
+
+
+def _plot_series(ax: Axes, x: np.ndarray, y: np.ndarray, style: Mapping[str, Any], label: str, lw: float) -> None:
+    """A line through the points, with the condition's markers every few points; markers
+    alone when there are fewer than :data:`MIN_CURVE_POINTS` points."""
+    n = int(np.size(y))
+    marker = style.get("marker") or ("o" if n < MIN_CURVE_POINTS else None)
+    every = max(1, n // 8)
+    ax.plot(x, y, label=label, color=style["color"], ls=style["ls"] if n >= MIN_CURVE_POINTS else "none",
+            lw=lw, marker=marker, markevery=every, markersize=4.5 if n >= MIN_CURVE_POINTS else 6)
 
 #: What the functions accept as numbers: a tensor (any device, with or without grad), an array or a
 #: sequence of floats.
@@ -83,18 +213,6 @@ def _figure(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes
         return ax.get_figure(), ax  # type: ignore[return-value]
     fig, ax = plt.subplots(figsize=figsize, layout="constrained")
     return fig, ax
-
-
-def _colors(n: int) -> list:
-    return sns.color_palette(PALETTE, max(n, 1))
-
-
-#: Line styles cycled with the colours, so that series drawn on top of each other stay visible.
-LINESTYLES = ("-", "--", "-.", ":")
-
-
-def _style(i: int) -> str:
-    return LINESTYLES[i % len(LINESTYLES)]
 
 
 def _format(value: float) -> str:
@@ -132,7 +250,7 @@ def plot_spectra(
     ylabel: str | None = None,
     relative_index: bool = False,
     ax: Axes | None = None,
-    figsize: tuple[float, float] = (6.0, 4.0),
+    figsize: tuple[float, float] = (DISPLAY_WIDTH_IN, 3.4),
 ) -> Figure:
     """Decay of sorted spectra on a log scale, one line per entry of ``spectra``.
 
@@ -156,18 +274,18 @@ def plot_spectra(
         ax: draw on these axes instead of a new figure.
         figsize: size of a new figure, in inches.
     """
-    with sns.axes_style(STYLE):
+    with figure_context():
         fig, ax = _figure(ax, figsize)
-        for i, ((label, values), color) in enumerate(zip(spectra.items(), _colors(len(spectra)))):
+        for (label, values), style in zip(spectra.items(), condition_style(list(spectra))):
             rows = _sorted_spectra(values, normalize)
             v = rows.mean(axis=0)
             x = np.arange(v.size, dtype=np.float64)
             if relative_index and v.size > 1:
                 x = x / (v.size - 1)
             keep = v > 0
-            ax.plot(x[keep], v[keep], label=label, color=color, ls=_style(i), lw=1.6)
+            _plot_series(ax, x[keep], v[keep], style, label, lw=1.6)
             if rows.shape[0] > 1:
-                _band(ax, x, rows, color, log=True)
+                _band(ax, x, rows, style["color"], log=True)
         ax.set_yscale("log")
         default_xlabel = "index / (count - 1)" if relative_index else "index (sorted, descending)"
         _finish(ax, xlabel or default_xlabel, ylabel or ("value / largest" if normalize else "value"), title, bool(spectra))
@@ -184,7 +302,7 @@ def plot_curves(
     logy: bool = True,
     hlines: Mapping[str, float] | None = None,
     ax: Axes | None = None,
-    figsize: tuple[float, float] = (6.0, 4.0),
+    figsize: tuple[float, float] = (DISPLAY_WIDTH_IN, 3.4),
 ) -> Figure:
     """Several series against a common x (steps by default), with optional labelled levels.
 
@@ -199,16 +317,16 @@ def plot_curves(
         ax: draw on these axes instead of a new figure.
         figsize: size of a new figure, in inches.
     """
-    with sns.axes_style(STYLE):
+    with figure_context():
         fig, ax = _figure(ax, figsize)
-        colors = _colors(len(curves) + len(hlines or {}))
-        for i, ((label, values), color) in enumerate(zip(curves.items(), colors)):
+        styles = condition_style([*curves, *(hlines or {})])
+        for (label, values), style in zip(curves.items(), styles):
             y = _array(values).ravel()
             xs = np.arange(y.size) if x is None else _array(x).ravel()
             keep = y > 0 if logy else np.isfinite(y)
-            ax.plot(xs[keep], y[keep], label=label, color=color, ls=_style(i), lw=1.4)
-        for (label, level), color in zip((hlines or {}).items(), colors[len(curves) :]):
-            ax.axhline(level, ls=(0, (6, 3)), lw=1.0, color=color, label=label)
+            _plot_series(ax, xs[keep], y[keep], style, label, lw=1.4)
+        for (label, level), style in zip((hlines or {}).items(), styles[len(curves) :]):
+            ax.axhline(level, ls=(0, (6, 3)), lw=1.0, color=style["color"], label=label)
         if logy:
             ax.set_yscale("log")
         _finish(ax, xlabel, ylabel, title, bool(curves or hlines))
@@ -223,7 +341,7 @@ def plot_singular_value_trajectories(
     ncols: int = 2,
     logy: bool = False,
     cmap: str = "viridis",
-    panel_size: tuple[float, float] = (4.2, 3.2),
+    panel_size: tuple[float, float] | None = None,
 ) -> Figure:
     """Every singular value of a weight over the steps of an optimization, one panel per run.
 
@@ -240,12 +358,14 @@ def plot_singular_value_trajectories(
         ncols: panels per row.
         logy: log-scale y axes.
         cmap: matplotlib colormap of the singular-value index.
-        panel_size: size of one panel, in inches.
+        panel_size: size of one panel, in inches (default: ``ncols`` panels across the display
+            width).
     """
     n = max(len(trajectories), 1)
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)
-    with sns.axes_style(STYLE):
+    panel_size = panel_size or (DISPLAY_WIDTH_IN / ncols, 2.5)
+    with figure_context():
         fig, axes = plt.subplots(
             nrows,
             ncols,
@@ -270,7 +390,7 @@ def plot_singular_value_trajectories(
             ax.set_xlabel("step")
             ax.set_ylabel("singular value")
         for ax in list(axes.flat)[len(trajectories) :]:
-            ax.set_visible(False)
+            ax.remove()  # an empty grid cell, not an empty frame
         if title:
             fig.suptitle(title)
     return fig
@@ -284,7 +404,7 @@ def plot_power_iteration(
     xlabel: str = "power iterations",
     ylabel: str = "relative error of the estimate",
     ax: Axes | None = None,
-    figsize: tuple[float, float] = (6.0, 4.0),
+    figsize: tuple[float, float] = (DISPLAY_WIDTH_IN, 3.4),
 ) -> Figure:
     """Convergence of power-iteration estimates: relative error against iterations, log scale.
 
@@ -300,9 +420,10 @@ def plot_power_iteration(
         ax: draw on these axes instead of a new figure.
         figsize: size of a new figure, in inches.
     """
-    with sns.axes_style(STYLE):
+    with figure_context():
         fig, ax = _figure(ax, figsize)
-        for (label, values), color in zip(errors.items(), _colors(len(errors))):
+        for (label, values), style in zip(errors.items(), condition_style(list(errors))):
+            color = style["color"]
             e = _array(values)
             e = e.reshape(1, -1) if e.ndim == 1 else e.reshape(e.shape[0], -1)
             xs = np.arange(e.shape[1]) if x is None else _array(x).ravel()
@@ -324,7 +445,7 @@ def plot_or_cost(
     title: str | None = None,
     *,
     unit: str = "ms",
-    log: bool | None = None,
+    log: bool = False,
     annotate: bool = True,
     ax: Axes | None = None,
     figsize: tuple[float, float] | None = None,
@@ -335,7 +456,8 @@ def plot_or_cost(
         times: ``{variant: seconds per repeat}`` (one value or several).
         title: the axes title.
         unit: ``"s"``, ``"ms"`` or ``"us"``: the unit of the axis and the labels.
-        log: log-scale axis; ``None`` chooses it when the medians span more than 30x.
+        log: log-scale axis. Off by default: a bar's length on a log axis starts from an
+            arbitrary origin, so bars of different lengths cannot be compared by eye.
         annotate: write each median next to its bar.
         ax: draw on these axes instead of a new figure.
         figsize: size of a new figure (default: grows with the number of variants).
@@ -346,13 +468,11 @@ def plot_or_cost(
     medians = np.array([np.median(s) for s in samples])
     lows = medians - np.array([s.min() for s in samples])
     highs = np.array([s.max() for s in samples]) - medians
-    if log is None:
-        positive = medians[medians > 0]
-        log = positive.size > 1 and positive.max() / positive.min() > 30
-    with sns.axes_style(STYLE):
-        fig, ax = _figure(ax, figsize or (7.0, 0.55 * len(labels) + 1.3))
+    with figure_context():
+        fig, ax = _figure(ax, figsize or (DISPLAY_WIDTH_IN, 0.4 * len(labels) + 1.3))
         y = np.arange(len(labels))
-        ax.barh(y, medians, xerr=[lows, highs], color=_colors(len(labels)), capsize=3, height=0.6)
+        colors = [style["color"] for style in condition_style(labels)]
+        ax.barh(y, medians, xerr=[lows, highs], color=colors, capsize=3, height=0.6)
         ax.set_yticks(y, labels)
         ax.invert_yaxis()
         if log:
@@ -361,7 +481,7 @@ def plot_or_cost(
         if annotate:
             for yi, m, hi in zip(y, medians, highs):
                 x_text = (m + hi) * 1.08 if log else m + hi
-                ax.text(x_text, yi, f" {_format(m)} {unit}", va="center", fontsize="small")
+                ax.text(x_text, yi, f" {_format(m)} {unit}", va="center", fontsize=RC["legend.fontsize"])
             ax.set_xlim(right=ax.get_xlim()[1] * (3.0 if log else 1.2))
         if title:
             ax.set_title(title)
@@ -378,7 +498,7 @@ def _finish(ax: Axes, xlabel: str, ylabel: str, title: str | None, legend: bool)
     if title:
         ax.set_title(title)
     if legend:
-        ax.legend(fontsize="small")
+        ax.legend()
 
 
 def _note(ax: Axes, text: str) -> None:
@@ -392,9 +512,9 @@ def plot_spectra_panels(
     panels: Mapping[str, Mapping[str, ArrayLike]],
     title: str | None = None,
     *,
-    ncols: int = 4,
+    ncols: int = 2,
     empty: str = "no data yet",
-    panel_size: tuple[float, float] = (3.6, 3.0),
+    panel_size: tuple[float, float] | None = None,
 ) -> Figure:
     """Several :func:`plot_spectra` panels side by side, one legend for all.
 
@@ -403,14 +523,17 @@ def plot_spectra_panels(
             divided by the largest value, on a log scale. A panel without spectra shows
             ``empty``; with no panels at all the figure is one panel saying ``empty``.
         title: the figure title.
-        ncols: panels per row.
+        ncols: panels per row (two: four panels side by side at the display width would be
+            too narrow to read, so they go 2x2).
         empty: the note of an empty panel.
-        panel_size: size of one panel, in inches.
+        panel_size: size of one panel, in inches (default: ``ncols`` panels across the display
+            width).
     """
     items = list(panels.items()) or [("", {})]
     ncols = max(1, min(ncols, len(items)))
     nrows = -(-len(items) // ncols)
-    with sns.axes_style(STYLE):
+    panel_size = panel_size or (DISPLAY_WIDTH_IN / ncols, 2.3)
+    with figure_context():
         fig, axes = plt.subplots(
             nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows + 0.6),
             layout="constrained", squeeze=False,
@@ -428,10 +551,10 @@ def plot_spectra_panels(
             if ax.get_legend() is not None:
                 ax.get_legend().remove()
         for ax in list(axes.flat)[len(items) :]:
-            ax.set_visible(False)
+            ax.remove()  # an empty grid cell, not an empty frame
         if labels:
             fig.legend(list(labels.values()), list(labels), loc="outside lower center",
-                       ncols=min(len(labels), 4), fontsize="small")
+                       ncols=min(len(labels), 2))
         if title:
             fig.suptitle(title)
     return fig
@@ -449,7 +572,7 @@ def plot_dose_response(
     ylabel: str = "value",
     empty: str = "no data yet",
     ax: Axes | None = None,
-    figsize: tuple[float, float] = (6.0, 4.0),
+    figsize: tuple[float, float] = (DISPLAY_WIDTH_IN, 3.4),
 ) -> Figure:
     """A metric against a regularization weight on a log x axis, one line per regularizer.
 
@@ -473,17 +596,19 @@ def plot_dose_response(
         ax: draw on these axes instead of a new figure.
         figsize: size of a new figure, in inches.
     """
-    with sns.axes_style(STYLE):
+    with figure_context():
         fig, ax = _figure(ax, figsize)
         if not series and not baselines:
             _note(ax, empty)
-        colors = _colors(len(series) + len(baselines or {}))
+        styles = condition_style([*series, *(baselines or {})])
+        colors = [style["color"] for style in styles]
         for i, ((label, (gammas, values, outside)), color) in enumerate(zip(series.items(), colors)):
             g, v = _array(gammas).ravel(), _array(values).ravel()
             out = np.asarray(outside, dtype=bool).ravel()
             order = np.argsort(g)
             g, v, out = g[order], v[order], out[order]
-            ax.plot(g, v, color=color, ls=_style(i), lw=1.4, label=label)
+            ax.plot(g, v, color=color, ls=styles[i]["ls"] if len(g) >= MIN_CURVE_POINTS else "none", lw=1.4,
+                    label=label)
             if spread and label in spread:
                 lo, hi = (_array(a).ravel()[order] for a in spread[label])
                 bar = hi > lo
@@ -525,11 +650,12 @@ def gamma_response(
     that gamma, with a bar (a band) from the smallest to the largest of them where there are
     several, as the title says."""
     panels, title = report.gamma_response_panels(frame, method, dataset, metrics)
-    with sns.axes_style(STYLE):
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.0), layout="constrained", squeeze=False)
-    for ax, panel in zip(axes.flat, panels):
-        plot_dose_response(**panel, ax=ax)
-    fig.suptitle(title, fontsize="medium")
+    with figure_context():
+        fig, axes = plt.subplots(len(metrics), 1, figsize=(DISPLAY_WIDTH_IN, 3.0 * len(metrics) + 0.8),
+                                 layout="constrained", squeeze=False)
+        for ax, panel in zip(axes.flat, panels):
+            plot_dose_response(**panel, ax=ax)
+        fig.suptitle(title)
     return fig
 
 
@@ -570,7 +696,7 @@ def figure2(
     representation itself. A run with several seeds is drawn as their mean with a min-max
     band (:func:`or_core.report.figure2_panels`)."""
     panels, title = report.figure2_panels(records, runs, weight_layer, hidden_layer, title)
-    return plot_spectra_panels(panels, title, ncols=3)
+    return plot_spectra_panels(panels, title)
 
 
 def save_spectra_figure(
@@ -582,12 +708,39 @@ def save_spectra_figure(
 ) -> Figure:
     """:func:`figure2` of ``records`` (of scale ``expected``) saved as ``path``, the README's
     figure. When ``records`` hold none of its runs, ``fallback``'s are drawn instead and the
-    title says so (:func:`or_core.report.spectra_fallback`)."""
+    title says so (:func:`or_core.report.spectra_fallback`).
+
+    The file is committed and rewritten at every build of the book, so it is left as it is
+    when it already holds the same pixels (and saved without the PNG's "Software" entry, which
+    names matplotlib's version): a build where nothing changed leaves the repository clean."""
     records, title = report.spectra_fallback(records, fallback, expected)
     fig = figure2(records, title=title)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    save_if_changed(fig, path, dpi=dpi)
     return fig
+
+
+def save_if_changed(fig: Figure, path: str | Path, dpi: int = DPI) -> bool:
+    """Save ``fig`` as the PNG ``path`` unless the file there already shows the same pixels;
+    returns whether it wrote. No "Software" metadata is written, so the bytes depend on the
+    pixels and the PNG encoder only."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+    data = buffer.getvalue()
+    path = Path(path)
+    if path.is_file():
+        old = path.read_bytes()
+        if old == data:
+            return False
+        with Image.open(io.BytesIO(old)) as before, Image.open(io.BytesIO(data)) as after:
+            if before.size == after.size and before.convert("RGBA").tobytes() == after.convert("RGBA").tobytes():
+                return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return True
 
 
 def stage_spectra_figure(
@@ -625,21 +778,22 @@ def history_figure(
     unknown = [m for m in metrics if m not in HISTORY_LABELS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(HISTORY_LABELS)}")
-    with sns.axes_style(STYLE):
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 3.8), squeeze=False)
-    colors = sns.color_palette(PALETTE, max(len(runs), 1))
-    for ax, metric in zip(axes[0], metrics):
-        ax.set_title(HISTORY_LABELS[metric])
-        if not runs:
-            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
-            continue
-        for run, color in zip(runs, colors):
-            values = [e.get(metric, float("nan")) for e in run.history]
-            ax.plot(range(1, len(values) + 1), values, label=run.label, color=color, lw=1.4)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(HISTORY_LABELS[metric])
-        ax.legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+    ncols = min(len(metrics), 2)
+    with figure_context():
+        fig, axes = plt.subplots(-(-len(metrics) // ncols), ncols, figsize=(DISPLAY_WIDTH_IN, 3.2 * -(-len(metrics) // ncols) + 0.6),
+                                 squeeze=False, layout="constrained")
+        styles = condition_style([run.label for run in runs])
+        for ax, metric in zip(axes.flat, metrics):
+            ax.set_title(HISTORY_LABELS[metric])
+            if not runs:
+                ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
+                continue
+            for run, style in zip(runs, styles):
+                values = np.array([e.get(metric, float("nan")) for e in run.history], dtype=np.float64)
+                _plot_series(ax, np.arange(1, len(values) + 1), values, style, run.label, lw=1.4)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(HISTORY_LABELS[metric])
+            ax.legend()
+        if title:
+            fig.suptitle(title)
     return fig

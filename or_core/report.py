@@ -42,7 +42,11 @@ validation split; without a choice, the paper-grid run with the best validation 
 
 from __future__ import annotations
 
+import base64
+import html
 import math
+import os
+import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -57,6 +61,8 @@ from or_core.records import load_records
 
 __all__ = [
     "METRICS",
+    "METHOD_LABELS",
+    "method_label",
     "COMPARED_REGULARIZERS",
     "SUPPORTED",
     "NO_EFFECT",
@@ -96,6 +102,19 @@ __all__ = [
     "claim_lines",
     "claims_summary",
     "styled",
+    "INTEGER_COLUMNS",
+    "TABLES_ENV",
+    "LONG_TABLE_ROWS",
+    "TableView",
+    "show",
+    "CLAIM_SECTIONS",
+    "HEADLINE_COLUMNS",
+    "headline_claims",
+    "claims_markdown",
+    "against_paper",
+    "published_baselines",
+    "baselines_table",
+    "record_link",
     "missing_runs",
     "matrix_runs",
     "folders_summary",
@@ -124,7 +143,22 @@ COLUMNS = (
     "wall_time_s", "images_per_s", "device",
 )
 _RUN_KEYS = ["scale", "method", "dataset", "regularizer", "seed"]
+#: How the book writes each method, in every figure and table (never ``byol`` in one and
+#: ``BYOL`` in the next).
+METHOD_LABELS = {
+    "barlowtwins": "Barlow Twins", "byol": "BYOL", "byol_whitening": "BYOL + whitening", "dino": "DINO",
+    "mocov2": "MoCo v2", "nnclr": "NNCLR", "simclr": "SimCLR", "simsiam": "SimSiam", "swav": "SwaV",
+    "vicreg": "VICReg",
+}
+
+
+def method_label(method: str) -> str:
+    """The book's name of a method (:data:`METHOD_LABELS`): ``"byol"`` -> ``"BYOL"``; an
+    unknown name is returned as it is."""
+    return METHOD_LABELS.get(method, method)
+
 _LABELS = {"none": "none", "so": "SO", "srip": "SRIP"}
+_DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 _METRIC_NAMES = {
     "val_knn_top1": "validation kNN top-1 (held-out training images)",
     "knn_top1": "test kNN top-1",
@@ -473,7 +507,7 @@ def gamma_response_panels(
     for metric in metrics:
         series, chosen, spread = {}, {}, {}
         for reg, part in _over_seeds(regularized, ["regularizer", "gamma"], metric).groupby("regularizer", sort=True):
-            label = f"{method} + {_LABELS.get(reg, reg)}"
+            label = f"{method_label(method)} + {_LABELS.get(reg, reg)}"
             series[label] = (part["gamma"], part["mean"], part["outside"].tolist())
             spread[label] = (part["low"], part["high"])
             several |= bool((part["seeds"] > 1).any())
@@ -482,7 +516,7 @@ def gamma_response_panels(
         baselines, baseline_spread = {}, {}
         values = base[metric].dropna()
         if len(values):
-            label = f"{method} without OR{_seeds_text(len(values))}"
+            label = f"{method_label(method)} without OR{_seeds_text(len(values))}"
             baselines[label] = float(values.mean())
             baseline_spread[label] = (float(values.min()), float(values.max()))
             several |= len(values) > 1
@@ -492,7 +526,7 @@ def gamma_response_panels(
         })
     bands = ("\n(points and dashed line: mean over the seeds recorded; bars and band: min to max over them)"
              if several else "")
-    title = (f"{method} on {dataset}: accuracy against gamma {_scale_tag(runs)}\n"
+    title = (f"{method_label(method)} on {_DATASET_LABELS.get(dataset, dataset)}: accuracy against gamma {_scale_tag(runs)}\n"
              f"(filled: the paper's grid; hollow: outside it; ringed: chosen on validation){bands}")
     return panels, title
 
@@ -531,7 +565,8 @@ def figure3_runs(
 ) -> dict[str, list[Mapping[str, Any]]]:
     """The runs of Figure 3: one method without OR, with SO and with SRIP, the ones recorded,
     each with every seed recorded (``seed``: only that one)."""
-    wanted = {f"{method}": (method, "none"), f"{method} + SO": (method, "so"), f"{method} + SRIP": (method, "srip")}
+    name = method_label(method)
+    wanted = {name: (method, "none"), f"{name} + SO": (method, "so"), f"{name} + SRIP": (method, "srip")}
     return _pick(records_frame(records), records, wanted, dataset, seed)
 
 
@@ -947,22 +982,260 @@ def claims_summary(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+#: Columns that count things (seeds, epochs, images, runs): shown as integers even when a gap
+#: (``NaN``) made pandas store them as floats, so that a seed never reads ``1.000``.
+INTEGER_COLUMNS = re.compile(r"(^|[ _])(seeds?|epochs?|of|n|positive|wins|runs|records|images|steps|comparisons|"
+                             r"train_images|repeats|batch|classes)($|[ _])", re.IGNORECASE)
+
+
+def _is_integer_column(column: Any, values: pd.Series) -> bool:
+    name = column[-1] if isinstance(column, tuple) else column
+    finite = values.dropna()
+    integral = bool(len(finite)) and bool(np.all(np.mod(finite.astype(float), 1) == 0))
+    return pd.api.types.is_integer_dtype(values) or (INTEGER_COLUMNS.search(str(name)) is not None and integral)
+
+
+#: Where the book shows each claim's numbers: ``(MyST label, link text)`` of a section of
+#: ``notebooks/05_figures.ipynb`` (the intro's claims table links there; the labels stand above
+#: the sections' headings).
+CLAIM_SECTIONS = {
+    "accuracy_so": ("figures-methods", "05 §5"),
+    "accuracy_srip": ("figures-methods", "05 §5"),
+    "accuracy_knn": ("figures-methods", "05 §5"),
+    "seeds": ("figures-seeds", "05 §4"),
+    "orthogonality": ("figures-spectra", "05 §7"),
+    "weights": ("figures-spectra", "05 §7"),
+    "hidden": ("figures-stages", "05 §8"),
+    "representation": ("figures-spectra", "05 §7"),
+    "whitening_representation": ("figures-table1", "05 §3"),
+    "whitening_inside": ("figures-spectra", "05 §7"),
+    "transfer": ("figures-transfer", "05 §6"),
+}
+#: The columns of :func:`headline_claims`.
+HEADLINE_COLUMNS = ("claim", "scale", "comparison", "effect", "95% CI", "seeds", "verdict", "comparisons")
+
+
+def headline_claims(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per claim of a :func:`claims` table, for the book's first page: the comparison
+    with the most seeds (the first of the table's order among equals; the best-powered test of
+    the claim the records hold), its effect, 95% interval, seeds and verdict, and how many
+    comparisons the claim has and how many of them have >= 2 seeds (``"1 of 7"``). A claim without any pair of
+    runs reads "no data yet". Indexed by the claim's id."""
+    rows = []
+    for key in dict.fromkeys(table.index):
+        part = table.loc[[key]].reset_index(drop=True)
+        comparisons = part[part["comparison"] != ALL_COMPARISONS]
+        own = part[part["comparison"] == ALL_COMPARISONS].iloc[0]
+        row = {"id": key, "claim": own["claim"], "scale": own["scale"]}
+        if comparisons.empty:
+            rows.append({**row, "comparison": "-", "effect": math.nan, "95% CI": "-", "seeds": 0,
+                         "verdict": NO_DATA, "comparisons": "none"})
+            continue
+        best = comparisons.loc[comparisons["seeds"].astype(int).idxmax()]
+        counts = claim_counts(comparisons)
+        rows.append({**row, "comparison": best["comparison"], "effect": best["effect"], "95% CI": best["95% CI"],
+                     "seeds": int(best["seeds"]), "verdict": best["verdict"],
+                     "comparisons": f"{counts['with an interval']} of {len(comparisons)}"})
+    return pd.DataFrame(rows, columns=["id", *HEADLINE_COLUMNS]).set_index("id")
+
+
+#: What Table 1 of the paper ranks, with the direction that is better (higher for all of them).
+_TABLE1_MEASURES = {
+    "knn_top1": "test kNN top-1", "linear_top1": "test linear top-1",
+    "effective_rank": "the representation's effective rank", "weight_flatness": "weight-spectrum flatness",
+    "hidden_flatness": "hidden-feature flatness",
+}
+
+
+def against_paper(frame: pd.DataFrame, dataset: str = "cifar10", seed: int = 0) -> list[str]:
+    """Sentences (Markdown) on where the records of ``frame`` go against the paper, written from
+    the numbers, never typed in; ``[]`` when they do not (or the runs are missing).
+
+    * Table 1: the paper has BYOL + SO above BYOL + feature whitening; every measure of
+      :data:`_TABLE1_MEASURES` where whitening is above SO is named, with both values.
+    * The gamma grid: a regularized BYOL run whose weights end closer to orthogonal than
+      without OR (lower ``or_so_total``) while its representation's effective rank is lower
+      is named, with both pairs of values (the paper's argument runs from orthogonal weights to
+      a flatter representation).
+
+    Single runs (one seed) carry no interval: the sentences say so.
+    """
+    sentences = []
+    table = table1(frame, dataset, seed)
+    if {"BYOL + SO", "BYOL + feature whitening"} <= set(table.index):
+        so, white = table.loc["BYOL + SO"], table.loc["BYOL + feature whitening"]
+        above = [f"{name} ({white[m]:.3f} against {so[m]:.3f})" for m, name in _TABLE1_MEASURES.items()
+                 if not (pd.isna(so[m]) or pd.isna(white[m])) and white[m] > so[m]]
+        if above:
+            sentences.append(f"BYOL + feature whitening is above BYOL + SO on {', '.join(above)}, where the paper's "
+                             f"Table 1 has OR ahead ({_DATASET_LABELS.get(dataset, dataset)}, seed {seed}, one run "
+                             "each: no interval).")
+    runs = frame[(frame["method"] == "byol") & (frame["dataset"] == dataset) & (frame["seed"] == seed)]
+    base = runs[runs["regularizer"] == "none"]
+    if len(base):
+        none = base.iloc[0]
+        for reg, part in runs[runs["regularizer"] != "none"].sort_values("gamma").groupby("regularizer", sort=True):
+            hits = part[(part["or_so_total"] < none["or_so_total"]) & (part["effective_rank"] < none["effective_rank"])]
+            if hits.empty:
+                continue
+            last = hits.iloc[-1]
+            gammas = ", ".join(_gamma_text(g) for g in hits["gamma"])
+            sentences.append(
+                f"BYOL + {_LABELS.get(reg, reg)} at gamma {gammas} leaves the weights closer to orthogonal than BYOL "
+                f"yet lowers the representation's effective rank, against the paper's argument from orthogonal "
+                f"weights to a flatter representation (at {_gamma_text(last['gamma'])}: orthogonality error "
+                f"{last['or_so_total']:.4g} against {none['or_so_total']:.4g}, effective rank "
+                f"{last['effective_rank']:.3g} against {none['effective_rank']:.3g}; seed {seed}, one run each).")
+    return sentences
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def claims_markdown(headline: pd.DataFrame, sections: Mapping[str, tuple[str, str]] | None = None) -> str:
+    """A :func:`headline_claims` table as a MyST Markdown table, each row ending with a
+    ``{ref}`` link to the section that shows the claim (:data:`CLAIM_SECTIONS`), so that a
+    broken link fails the strict build."""
+    sections = CLAIM_SECTIONS if sections is None else sections
+    header = ["claim", "scale", "best-powered comparison", "effect", "95% CI", "seeds", "verdict",
+              f"with >= {stats.MIN_SEEDS} seeds", "where"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for key, row in headline.iterrows():
+        label, text = sections.get(str(key), (None, ""))
+        where = f"{{ref}}`{text} <{label}>`" if label else "-"
+        effect = "-" if pd.isna(row["effect"]) else _signed(float(row["effect"]))
+        cells = [row["claim"], row["scale"], row["comparison"], effect, row["95% CI"], int(row["seeds"]),
+                 f"**{row['verdict']}**", row["comparisons"], where]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+#: Where a record links to: the repository's files on GitHub (the book's ``repository.url``).
+REPOSITORY_URL = "https://github.com/or-core/or_core/blob/main"
+
+
+def record_link(path: str | Path, root: str | Path | None = None) -> str:
+    """A Markdown link to a record file in the repository (``[results/x.json](https://...)``):
+    record paths on the book's pages are links, not text. ``path`` is taken relative to
+    ``root`` (default: the repository root, which a path under ``../results`` from
+    ``notebooks/`` resolves into)."""
+    base = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    resolved = Path(path).resolve()
+    try:
+        relative = resolved.relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return f"`{path}`"  # outside the repository (a build's own records): no page to link to
+    return f"[{relative}]({REPOSITORY_URL}/{relative})"
+
+
+def published_baselines(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """The published numbers of ``results/published/baselines.json`` (lightly, solo-learn), each
+    with its library, protocol, epochs, batch size and source."""
+    path = Path(path) if path is not None else Path(__file__).resolve().parents[1] / "results" / "published" / "baselines.json"
+    from or_core.records import load_record
+
+    return list(load_record(path).get("baselines", []))
+
+
+def baselines_table(frame: pd.DataFrame, baselines: Sequence[Mapping[str, Any]], method: str = "byol",
+                    seed: int = 0) -> pd.DataFrame:
+    """Published numbers beside ours: for each published (method, data set, metric), the row
+    of the library and, under it, our run without OR of the same method and data set at every
+    scale recorded in ``frame`` (seed ``seed``), each with its epochs and protocol. Nothing is
+    compared by a verdict: the protocols differ, and the table says how."""
+    runs = select_runs(frame, seed)
+    rows = []
+    for entry in baselines:
+        if entry.get("method") != method:
+            continue
+        rows.append({"source": entry["library"], "dataset": entry["dataset"], "metric": entry["metric"],
+                     "value": float(entry["value"]), "epochs": entry.get("epochs"), "batch": entry.get("batch_size"),
+                     "width": 1.0, "protocol": entry.get("protocol", "")})
+        ours = runs[(runs["method"] == method) & (runs["dataset"] == entry["dataset"]) & (runs["regularizer"] == "none")]
+        for _, run in ours.iterrows():
+            rows.append({"source": f"or_core [{run['scale']}]", "dataset": entry["dataset"], "metric": entry["metric"],
+                         "value": float(run[entry["metric"]]), "epochs": run["epochs"], "batch": math.nan,
+                         "width": run["width"], "protocol": _OUR_PROTOCOL.get(entry["metric"], "")})
+    columns = ["source", "dataset", "metric", "value", "epochs", "batch", "width", "protocol"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+_OUR_PROTOCOL = {
+    "knn_top1": "weighted kNN (k = 200, t = 0.1) on the scale's training / test images, final epoch",
+    "linear_top1": "linear probe trained after pretraining on the frozen features, final epoch",
+}
+
+
 def styled(table: pd.DataFrame, digits: int = 3) -> Any:
-    """``table`` for display: gammas as ``1e-6``, integers as integers, other numbers with
-    ``digits`` decimals, gaps as ``-``. Returns a pandas ``Styler`` (the notebook shows it as
-    HTML)."""
+    """``table`` for display: gammas as ``1e-6`` (one format everywhere, never broken across
+    lines), counts as integers (:data:`INTEGER_COLUMNS`: seeds, epochs, images...), other
+    numbers with ``digits`` decimals, gaps as ``-``. Returns a pandas ``Styler`` (the notebook
+    shows it as HTML)."""
     def is_gamma(column: Any) -> bool:
         return "gamma" in (column if isinstance(column, tuple) else (column,))
 
     def formatter(column: Any) -> Any:
         if is_gamma(column):
             return lambda v: "-" if pd.isna(v) else _gamma_text(v)
-        if pd.api.types.is_integer_dtype(table[column]):
-            return lambda v: "-" if pd.isna(v) else f"{int(v)}"
+        if _is_integer_column(column, table[column]):
+            return lambda v: "-" if pd.isna(v) else f"{int(v):,}"
         return lambda v, d=digits: "-" if pd.isna(v) else f"{v:.{d}f}"
 
     numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c]) and table[c].dtype != bool]
-    return table.style.format({c: formatter(c) for c in numeric})
+    gammas = [c for c in table.columns if is_gamma(c)]
+    style = table.style.format({c: formatter(c) for c in numeric})
+    if gammas:  # "1e-6" must not wrap at its hyphen ("1e-/6")
+        style = style.set_properties(subset=gammas, **{"white-space": "nowrap"})
+    return style.set_table_attributes('class="or-table"')
+
+
+#: The environment variable naming the folder a :class:`TableView` writes its CSV into
+#: (``python -m or_core.book`` sets it, per notebook, to a folder that the built page links to
+#: as ``<folder name>/<table>.csv``). Unset (Colab, Jupyter), the CSV is embedded in the link.
+TABLES_ENV = "OR_CORE_TABLES_DIR"
+#: Tables with more rows than this are shown collapsed (a click opens them).
+LONG_TABLE_ROWS = 12
+
+
+class TableView:
+    """A table as the book shows it: :func:`styled`, with a link to its CSV beside it, collapsed
+    when it has more than :data:`LONG_TABLE_ROWS` rows.
+
+    The CSV holds the numbers at full precision. Its file is ``<$OR_CORE_TABLES_DIR>/<name>.csv``
+    when that variable is set (the book), else the link carries the CSV itself (a ``data:``
+    URL), so a notebook run anywhere offers the same download.
+    """
+
+    def __init__(self, table: pd.DataFrame, name: str, digits: int = 3, caption: str | None = None) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"table name {name!r}: letters, digits, '.', '_' and '-' only (it names a file)")
+        self.table, self.name, self.digits, self.caption = table, name, digits, caption
+        self.csv = table.to_csv()
+        folder = os.environ.get(TABLES_ENV)
+        if folder:
+            path = Path(folder) / f"{name}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(self.csv)
+            self.href = f"{Path(folder).name}/{name}.csv"
+        else:
+            self.href = "data:text/csv;base64," + base64.b64encode(self.csv.encode()).decode()
+
+    def _repr_html_(self) -> str:
+        body = styled(self.table, self.digits).to_html()
+        rows = len(self.table)
+        link = (f'<p class="or-table-csv"><a href="{html.escape(self.href)}" download="{self.name}.csv">'
+                f"{self.name}.csv</a> ({rows} row{'s' if rows != 1 else ''}, full precision)</p>")
+        caption = f"<p>{html.escape(self.caption)}</p>" if self.caption else ""
+        if rows > LONG_TABLE_ROWS:
+            body = f"<details><summary>Show the table ({rows} rows)</summary>{body}</details>"
+        return f'<div class="or-table-view">{caption}{body}{link}</div>'
+
+
+def show(table: pd.DataFrame, name: str, digits: int = 3, caption: str | None = None) -> TableView:
+    """``table`` for a notebook page: styled, its CSV beside it, collapsed when long
+    (:class:`TableView`). ``name`` names the CSV file (unique on its page)."""
+    return TableView(table, name, digits, caption)
 
 
 # ----------------------------------------------------------------------------------------------

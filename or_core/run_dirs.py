@@ -65,8 +65,10 @@ class RunDir:
 
     @property
     def label(self) -> str:
-        """``byol + SO (1e-6)``: method, regularizer and gamma, for legends."""
-        method, regularizer = self.config.get("method", "?"), self.config.get("regularizer", "none")
+        """``BYOL + SO (1e-6)``: method (as the book writes it), regularizer and gamma, for legends."""
+        from or_core.report import method_label  # report reads records only; imported late to stay light
+
+        method, regularizer = method_label(self.config.get("method", "?")), self.config.get("regularizer", "none")
         if regularizer == "none":
             return f"{method}, no OR"
         gamma = self.config.get("gamma")

@@ -83,8 +83,31 @@ def small_image_folder(imagenette_dir: Path, tmp_path: Path) -> Callable[..., Pa
     return make
 
 
+def _tree_state() -> dict[str, str] | None:
+    """``git status --porcelain`` and ``git diff`` of the repository, or None outside a checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+
+    try:
+        return {"status": git("status", "--porcelain"), "diff": git("diff", "--binary")}
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 @pytest.fixture(scope="session")
-def built_book(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tree_before_build() -> dict[str, str] | None:
+    """The git state of the repository just before ``built_book`` builds (None without git)."""
+    return _tree_state()
+
+
+@pytest.fixture(scope="session")
+def tree_after_build(built_book: Path) -> dict[str, str] | None:
+    """The git state of the repository right after ``built_book`` was built."""
+    return _tree_state()
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory: pytest.TempPathFactory, tree_before_build: dict[str, str] | None) -> Path:
     """A copy of book/ built by ``python -m or_core.book`` with the cpu profile, once a session.
 
     The copy leaves a reader's own ``book/_build`` alone; the HTML is in ``<copy>/_build/html``

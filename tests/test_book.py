@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import types
@@ -250,6 +251,49 @@ def test_colab_link_opens_the_committed_source(built_book: Path, source: Path) -
     assert (REPO_ROOT / "notebooks" / source.name).is_file()
 
 
+def test_building_the_book_leaves_the_tree_as_it_was(built_book: Path, tree_before_build, tree_after_build) -> None:
+    """The build regenerates records and figures, but writes no tracked file differently: a
+    build from a clean clone leaves it clean (and its pages say so)."""
+    if tree_before_build is None:
+        pytest.skip("not a git checkout")
+    assert tree_after_build["status"] == tree_before_build["status"]
+    assert tree_after_build["diff"] == tree_before_build["diff"]
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_a_page_says_uncommitted_changes_only_when_there_were(built_book: Path, tree_before_build, source: Path) -> None:
+    if tree_before_build is None:
+        pytest.skip("not a git checkout")
+    nb = _notebook(built_book / "notebooks" / source.name)
+    dirty = bool(tree_before_build["status"].strip())
+    assert nb["metadata"]["or_core"]["git_dirty"] is dirty
+    note = next(_source(c) for c in nb["cells"] if "provenance" in c["metadata"].get("tags", []))
+    assert ("with uncommitted changes" in note) is dirty
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_no_progress_bar_noise_on_a_page(built_book: Path, source: Path) -> None:
+    nb = _notebook(built_book / "notebooks" / source.name)
+    streams = ["".join(o.get("text", "")) if isinstance(o.get("text"), list) else o.get("text", "")
+               for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"] if o.get("output_type") == "stream"]
+    noisy = [t[:120] for t in streams if "\r" in t or "it/s]" in t or "IProgress" in t or re.search(r"\d+%\|", t)]
+    assert not noisy, f"{source.name}: {noisy}"
+    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert all("remove-cell" in c["metadata"]["tags"] for c in injected)
+
+
+def test_every_table_csv_is_published_beside_its_page(built_book: Path) -> None:
+    html = built_book / "_build" / "html"
+    for source in SOURCES:
+        page = html / "notebooks" / f"{source.stem}.html"
+        links = [href for href in _parse(page).links if href.endswith(".csv")]
+        tables = page.read_text(encoding="utf-8").count('class="or-table"')
+        assert len(links) == tables, f"{page.name}: {tables} tables, {len(links)} CSV links"
+        for href in links:
+            assert (page.parent / href).is_file(), f"{page.name}: {href}"
+    assert (html / "claims.csv").is_file()
+
+
 def test_a_failing_notebook_stops_the_build_with_its_name(tmp_path: Path) -> None:
     _book_dependencies()
     import nbformat
@@ -314,6 +358,279 @@ def test_plots_return_figures_with_log_scales(plots) -> None:
     assert fig.axes[0].get_yscale() == "log" and len(fig.axes[0].lines) == 2
 
     fig = plots.plot_or_cost({"fast": [0.001, 0.002], "slow": [1.0, 1.2]})
-    assert fig.axes[0].get_xscale() == "log"  # medians 500x apart
+    assert fig.axes[0].get_xscale() == "linear"  # bars on a linear axis even 500x apart
     fig = plots.plot_or_cost({"a": [0.01], "b": [0.02]}, unit="s")
     assert fig.axes[0].get_xscale() == "linear"
+
+
+def _book_figures(plots) -> dict:
+    """One figure of every kind the book draws, from the committed records where it draws records."""
+    import torch
+
+    from or_core import report, run_dirs
+
+    records = report.load_folder(REPO_ROOT / "results" / "matrix_cpu")
+    frame = report.records_frame(records)
+    benchmark = json.loads((REPO_ROOT / "results" / "benchmarks" / "or_overhead_cpu.json").read_text())
+    runs = [r for r in run_dirs.load_run_dirs(REPO_ROOT / "results" / "gpu_runs") if r.name.endswith("_30ep_h100")]
+    return {
+        "spectra": plots.plot_spectra({"untrained": torch.rand(64), "BYOL": torch.rand(64), "BYOL + SO": torch.rand(64)}),
+        "curves": plots.plot_curves({"a": [3.0, 2.0, 1.0], "b": [2.0, 1.5, 1.2]}, "t", hlines={"floor": 1.0}),
+        "trajectories": plots.plot_singular_value_trajectories({k: torch.rand(5, 4) for k in ("a", "b", "c", "d")}),
+        "power iteration": plots.plot_power_iteration({"starts": torch.rand(4, 10) + 1e-3}),
+        "or cost": plots.plot_or_cost({"none": [0.001], "SO": [0.002], "SRIP": [0.004]}),
+        "panels": plots.plot_spectra_panels({f"layer{i}": {"BYOL": torch.rand(16)} for i in range(4)}, "t"),
+        "gamma response": plots.gamma_response(frame),
+        "figure 2": plots.figure2(records),
+        "weights": plots.spectra_figure(records, "weights"),
+        "figure 3": plots.stage_spectra_figure(records),
+        "overhead": plots.overhead_figure(benchmark),
+        "history": plots.history_figure(runs, title="BYOL, CIFAR-10, 30 epochs [gpu runs]"),
+    }
+
+
+def test_every_figure_is_drawn_at_the_width_it_is_shown_with_readable_text(plots) -> None:
+    """The book shows a figure at most about 690 px wide: drawn wider, it is scaled down and its
+    text shrinks (1,451 px figures had tick labels about 5 px tall). Saved as the inline
+    backend saves it (tight box, the figure's dpi), every figure fits, and no text of it is
+    smaller than MIN_FONT_PT, which at the figure's dpi is at least 9 px."""
+    import io
+
+    from PIL import Image
+
+    assert plots.MIN_FONT_PT * plots.DPI / 72 >= 9
+    for name, fig in _book_figures(plots).items():
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+        width = Image.open(io.BytesIO(buffer.getvalue())).size[0]
+        assert fig.dpi == plots.DPI, name
+        assert width <= 690, f"{name}: {width} px wide"
+        texts = [t for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text"))
+                 if t.get_visible() and t.get_text().strip()]
+        small = {t.get_text(): t.get_fontsize() for t in texts if t.get_fontsize() < plots.MIN_FONT_PT}
+        assert not small, f"{name}: text below {plots.MIN_FONT_PT} pt: {small}"
+
+
+def test_a_condition_looks_the_same_in_every_figure(plots) -> None:
+    """BYOL + SO is one colour in Figure 2, Figure 3, the gamma response and a spectra plot
+    whatever the other lines are; the labels name BYOL as BYOL everywhere."""
+    import torch
+
+    from or_core import report
+
+    records = report.load_folder(REPO_ROOT / "results" / "matrix_cpu")
+    figures = [plots.figure2(records), plots.stage_spectra_figure(records), plots.gamma_response(report.records_frame(records)),
+               plots.plot_spectra({"untrained": torch.rand(8), "BYOL + SO (effective rank 3.1)": torch.rand(8)})]
+    seen: dict[str, set] = {}
+    for fig in figures:
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                label = line.get_label()
+                if label.startswith("_"):
+                    continue
+                assert "byol" not in label, f"lower-case method name in {label!r}"
+                key = plots.condition_of(label)
+                if key is not None:
+                    seen.setdefault(key, set()).add(line.get_color())
+    assert {"so", "none", "srip", "whitening", "untrained"} <= set(seen), seen
+    assert all(colors == {plots.CONDITIONS[key].color} for key, colors in seen.items()), seen
+    assert len({c.color for c in plots.CONDITIONS.values()}) == len(plots.CONDITIONS)
+    # labels that are no condition, or two of one condition, fall back to distinct styles
+    styles = plots.condition_style(["BYOL + SO, seed 0", "BYOL + SO, seed 1"])
+    assert styles[0]["color"] != styles[1]["color"]
+
+
+def test_two_points_are_points_not_a_curve(plots) -> None:
+    fig = plots.plot_curves({"BYOL": [1.0, 2.0], "BYOL + SO": [1.0, 2.0, 2.5]}, logy=False)
+    two, three = fig.axes[0].get_lines()
+    assert two.get_linestyle() == "None" and two.get_marker() not in (None, "None", "")
+    assert three.get_linestyle() != "None"
+
+
+# ----------------------------------------------------------------------------------------------
+# The pages as a reader sees them: setup out of the way, tables that fit, the answer first
+# ----------------------------------------------------------------------------------------------
+def _tags(cell: dict) -> list[str]:
+    return cell.get("metadata", {}).get("tags", [])
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_setup_cells_are_kept_off_the_page(path: Path) -> None:
+    """The Colab cell and the Parameters heading are removed from the page, the parameters,
+    imports and record-writing cells fold their code; the notebook itself keeps them all, so
+    Colab and papermill run it as before."""
+    cells = _notebook(path)["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert "google.colab" in _source(code[0]) and "remove-cell" in _tags(code[0])
+    params = next(c for c in code if "parameters" in _tags(c))
+    assert "hide-input" in _tags(params)
+    imports = cells[cells.index(params) + 1]
+    assert "import" in _source(imports) and "hide-input" in _tags(imports)
+    for cell in cells:
+        if cell["cell_type"] == "markdown" and _source(cell).startswith("## Parameters"):
+            assert "remove-cell" in _tags(cell)
+        if cell["cell_type"] == "code" and "write_record(" in _source(cell):
+            assert "hide-input" in _tags(cell), _source(cell)[:80]
+    removed = [c for c in cells if "remove-cell" in _tags(c)]
+    assert all("google.colab" in _source(c) or _source(c).startswith("## Parameters") for c in removed)
+
+
+def test_the_injected_parameters_are_removed_from_the_page(tmp_path: Path) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    from or_core import book
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Title"), nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell("x = 2")]
+    nb.cells[1].metadata["tags"] = ["parameters"]
+    nb.cells[2].metadata["tags"] = ["injected-parameters"]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    book._add_provenance(path, book.provenance("cpu", 1.0, "python -m or_core.book"))
+    cells = nbformat.read(path, as_version=4).cells
+    tags = {c.source: c.metadata.get("tags", []) for c in cells if c.cell_type == "code"}
+    assert tags == {"x = 1": ["parameters"], "x = 2": ["injected-parameters", "remove-cell"]}
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_notebooks_write_their_records_to_records_out(path: Path) -> None:
+    """A build in the cpu profile writes no record into the repository: every record path goes
+    through records_out, which the cpu profile puts outside the clone (the gpu profile into
+    results/, for records to commit)."""
+    sources = [_source(c) for c in _notebook(path)["cells"] if c["cell_type"] == "code"]
+    for source in sources:
+        for call in ("write_record(", "run_matrix("):
+            if call in source and "def " not in source.split(call)[0].splitlines()[-1]:
+                line = next(l for l in source.splitlines() if call in l)
+                assert "records_dir(" in line or "results=" in source, f"{path.name}: {line.strip()}"
+    cpu, gpu = _profile("cpu"), _profile("gpu")
+    out = Path(cpu["records_out"]).expanduser().resolve()
+    assert REPO_ROOT.resolve() not in out.parents and out != REPO_ROOT.resolve()
+    assert (NOTEBOOKS / gpu["records_out"]).resolve() == (REPO_ROOT / "results").resolve()
+
+
+def test_tables_show_counts_as_integers_and_gammas_in_one_format() -> None:
+    pd = pytest.importorskip("pandas")
+    from or_core import report
+
+    table = pd.DataFrame({"seed": [1.0, 2.0, float("nan")], "epochs": [30.0, 30.0, 30.0],
+                          "gamma": [1e-6, 1e-3, float("nan")], "knn_top1": [0.5, 0.25, 0.125]})
+    html = report.styled(table).to_html()
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", html)
+    assert cells[:4] == ["1", "30", "1e-6", "0.500"] and cells[4:8] == ["2", "30", "1e-3", "0.250"]
+    assert "1.000" not in html and "30.000" not in html
+    assert "white-space: nowrap" in html  # "1e-6" is never broken at its hyphen
+
+
+def test_every_table_has_its_csv_beside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pd = pytest.importorskip("pandas")
+    import base64
+
+    from or_core import report
+
+    table = pd.DataFrame({"seed": range(20), "knn_top1": [i / 40 for i in range(20)]})
+    folder = tmp_path / "05_figures"
+    monkeypatch.setenv(report.TABLES_ENV, str(folder))
+    html = report.show(table, "paired_seeds")._repr_html_()
+    assert (folder / "paired_seeds.csv").read_text() == table.to_csv()
+    assert 'href="05_figures/paired_seeds.csv"' in html
+    assert "<details>" in html  # 20 rows > LONG_TABLE_ROWS: collapsed
+    monkeypatch.delenv(report.TABLES_ENV)
+    short = report.show(table.head(3), "short")._repr_html_()
+    href = re.search(r'href="data:text/csv;base64,([^"]+)"', short).group(1)
+    assert base64.b64decode(href).decode() == table.head(3).to_csv() and "<details>" not in short
+    with pytest.raises(ValueError, match="names a file"):
+        report.show(table, "../escape")
+
+
+def test_the_recipe_on_each_page_comes_from_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from or_core import config
+
+    small = config.PROFILES["cpu_small"]
+    text = config.recipe("cpu_small")
+    for piece in (f"{small['subset']:,} CIFAR-10 training images", f"{small['epochs']} epochs at batch {small['batch_size']}",
+                  f"lr {small['lr']:g}", f"width {small['width']:g}", f"{small['linear_epochs']}-epoch linear probe"):
+        assert piece in text, (piece, text)
+    monkeypatch.setitem(config.PROFILES, "cpu_small", {**small, "epochs": 11})
+    assert "11 epochs" in config.recipe("cpu_small")
+
+
+def test_the_intro_opens_with_the_claims_table_of_the_records(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    from or_core import book, report
+
+    records = report.load_folder(REPO_ROOT / "results" / "matrix_cpu")
+    if not records:
+        pytest.skip("no cpu-small records")
+    path = book.write_intro(tmp_path)
+    text = path.read_text()
+    table = report.claims(report.records_frame(records), records)
+    headline = report.headline_claims(table)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header[:7] == ["claim", "scale", "best-powered comparison", "effect", "95% CI", "seeds", "verdict"]
+    assert len(rows) - 1 == len(headline) == len(set(table.index))
+    for (key, row), line in zip(headline.iterrows(), rows[1:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == row["claim"] and cells[6] == f"**{row['verdict']}**" and cells[5] == str(row["seeds"])
+        label = report.CLAIM_SECTIONS[key][0]
+        assert f"<{label}>" in cells[-1]
+        comparisons = table.loc[[key]]
+        assert int(row["seeds"]) == comparisons["seeds"][comparisons["comparison"] != report.ALL_COMPARISONS].max()
+    assert pd.read_csv(tmp_path / "generated" / "html" / "claims.csv", index_col="id").index.tolist() == list(headline.index)
+    assert (tmp_path / "generated" / "spectra_cpu_small.png").is_file() and "intro-figure2" in text
+    # every link target exists in notebook 05, so the strict build resolves it
+    figures = "".join(_source(c) for c in _notebook(NOTEBOOKS / "05_figures.ipynb")["cells"] if c["cell_type"] == "markdown")
+    for label, _ in report.CLAIM_SECTIONS.values():
+        assert f"({label})=" in figures, label
+    assert "{include} generated/claims.md" in (BOOK / "intro.md").read_text()
+    # and the reproduce page's cost table, from the measured GPU runs
+    cost = (tmp_path / "generated" / "cost.md").read_text()
+    assert cost.startswith("| matrix |") and "`matrix_gpu.yaml`" in cost
+    assert "{include} generated/cost.md" in (BOOK / "reproduce.md").read_text()
+
+
+def test_published_baselines_stand_beside_ours_with_their_protocols() -> None:
+    from or_core import report
+
+    published = report.published_baselines()
+    assert {(b["library"], b["dataset"], b["metric"]) for b in published} >= {
+        ("lightly", "cifar10", "knn_top1"), ("solo-learn", "cifar10", "linear_top1"), ("solo-learn", "cifar100", "linear_top1")}
+    records = report.load_folder(REPO_ROOT / "results" / "matrix_cpu")
+    frame = report.records_frame(records)
+    table = report.baselines_table(frame, published)
+    theirs = table[~table["source"].str.startswith("or_core")]
+    assert theirs["value"].tolist() == [b["value"] for b in published] and theirs["protocol"].str.len().min() > 20
+    ours = table[table["source"].str.startswith("or_core")]
+    for _, row in ours.iterrows():
+        run = report.select_runs(frame)
+        run = run[(run["method"] == "byol") & (run["dataset"] == row["dataset"]) & (run["regularizer"] == "none")]
+        assert row["value"] == run[row["metric"]].iloc[0]
+
+
+def test_what_goes_against_the_paper_is_said_from_the_records() -> None:
+    from or_core import report
+
+    records = report.load_folder(REPO_ROOT / "results" / "matrix_cpu")
+    frame = report.records_frame(records)
+    sentences = report.against_paper(frame)
+    t1 = report.table1(frame)
+    white_ahead = t1.loc["BYOL + feature whitening", "knn_top1"] > t1.loc["BYOL + SO", "knn_top1"]
+    assert any("feature whitening is above BYOL + SO" in s and "test kNN top-1" in s for s in sentences) == white_ahead
+    flipped = frame.copy()
+    is_white = flipped["method"] == "byol_whitening"
+    for column in ("knn_top1", "linear_top1", "effective_rank", "weight_flatness", "hidden_flatness"):
+        flipped.loc[is_white, column] = -1.0  # whitening below SO everywhere: nothing to say about Table 1
+    assert not any("feature whitening" in s for s in report.against_paper(flipped))
+
+
+def test_the_readme_figure_is_not_rewritten_when_its_pixels_are_the_same(plots, tmp_path: Path) -> None:
+    import torch
+
+    path = tmp_path / "figure.png"
+    fig = plots.plot_spectra({"BYOL": torch.linspace(1, 0.1, 16)}, "t")
+    assert plots.save_if_changed(fig, path) is True
+    written = path.stat().st_mtime_ns
+    assert plots.save_if_changed(fig, path) is False and path.stat().st_mtime_ns == written
+    other = plots.plot_spectra({"BYOL": torch.linspace(1, 0.5, 16)}, "t")
+    assert plots.save_if_changed(other, path) is True

@@ -8,7 +8,13 @@ the reproduction guide, the references, every notebook page) is opened from a st
 - every ``<img>`` decoded by the browser (``complete`` and ``naturalWidth > 0``);
 - every internal ``<a href>`` and ``<link href>`` answering HTTP 200, and every resource the page
   loaded from the server (scripts, styles, fonts, images) answering 200 as well;
-- a full-page screenshot, kept as a PNG artifact and checked to decode to a non-blank image.
+- a full-page screenshot, kept as a PNG artifact and checked to decode to a non-blank image;
+- at 1280 px, nothing wider than the window (no horizontal scrolling), no table wider than the
+  article's column (no column cut off or hidden behind a scroll bar), no image shown at less
+  than half its natural width (its text would shrink below reading size);
+- no setup code visible: the Colab cell and papermill's parameters are removed, the imports,
+  the parameters and the record writing folded (their code shows only on a click);
+- the intro opens with the claims table, which has a verdict column.
 
 Screenshots go to ``$OR_CORE_ARTIFACTS`` when set, else to ``<repo>/artifacts/browser/``.
 
@@ -118,6 +124,8 @@ class Visit:
     resources: list[tuple[str, int]] = field(default_factory=list)
     #: ``(maths elements, of which MathJax has not typeset)``: Sphinx's ``.math`` spans and blocks.
     maths: tuple[int, int] = (0, 0)
+    #: What a reader sees at the window's width: see ``_LAYOUT``.
+    layout: dict = field(default_factory=dict)
     screenshot: Path | None = None
 
 
@@ -201,6 +209,34 @@ return Array.from(document.images).map(img => ({
 """
 
 
+#: The page as laid out at the window's width: how far it overflows horizontally, each shown
+#: image's natural and displayed width, each shown table's width against its article's, the
+#: visible code cells that hold setup code, and the header cells of the shown tables.
+_LAYOUT = r"""
+const shown = el => (el.checkVisibility ? el.checkVisibility() : el.offsetParent !== null)
+    && el.getBoundingClientRect().width > 0;
+const doc = document.documentElement;
+const article = document.querySelector("article") || document.body;
+const room = article.getBoundingClientRect().width;
+// setup: the Colab cell, the parameters (papermill's or the notebook's), the profile switch,
+// record writing, or a block of three or more import lines
+const setup = text => /google\.colab|apply_profile\(|write_record\(|^profile = /m.test(text)
+    || (text.match(/^(import|from) \S+/gm) || []).length >= 3;
+return {
+    overflow: doc.scrollWidth - doc.clientWidth,
+    images: Array.from(article.querySelectorAll("img")).filter(shown).map(img => ({
+        src: (img.getAttribute("src") || "").slice(0, 80), natural: img.naturalWidth,
+        displayed: img.getBoundingClientRect().width})),
+    tables: Array.from(article.querySelectorAll("table")).filter(shown).map(t => ({
+        head: (t.querySelector("th") || t).innerText.slice(0, 40), width: t.getBoundingClientRect().width, room: room})),
+    setup: Array.from(article.querySelectorAll(".cell_input")).filter(shown)
+        .map(e => e.innerText).filter(setup).map(text => text.slice(0, 80)),
+    headers: Array.from(article.querySelectorAll("table")).filter(shown)
+        .map(t => Array.from(t.querySelectorAll("thead th")).map(th => th.innerText.trim())),
+};
+"""
+
+
 def _screenshot(driver, path: Path) -> None:
     """Save the whole page, not just the window, as a PNG at ``path``.
 
@@ -258,6 +294,7 @@ def visit(browser, site: str) -> Iterator[Callable[[str], Visit]]:
         result.images = driver.execute_script(_COLLECT_IMAGES)
         wait_until(lambda d: d.execute_script(_MATHS)[1] == 0)
         result.maths = tuple(driver.execute_script(_MATHS))
+        result.layout = driver.execute_script(_LAYOUT)
         if page == PAGES[page]:  # a redirect has no page of its own to picture
             result.screenshot = artifacts / f"{Path(page).stem}.png"
             _screenshot(driver, result.screenshot)
@@ -351,3 +388,31 @@ def test_screenshot_is_a_full_page_png(visit, page: str) -> None:
         image.load()
         extrema = image.convert("L").getextrema()
     assert extrema[0] < extrema[1], f"{path}: a blank, single-colour image"
+
+
+@pytest.mark.parametrize("page", [page for page in PAGES if page == PAGES[page]])
+def test_nothing_overflows_the_page_at_1280_px(visit, page: str) -> None:
+    layout = visit(page).layout
+    assert layout["overflow"] <= 0, f"{page}: {layout['overflow']} px wider than the window"
+    wide = [t for t in layout["tables"] if t["width"] > t["room"] + 1]
+    assert not wide, f"{page}: tables wider than the column ({wide[0]['room']:.0f} px): {wide}"
+
+
+@pytest.mark.parametrize("page", [page for page in PAGES if page == PAGES[page]])
+def test_no_image_is_shown_below_half_its_natural_width(visit, page: str) -> None:
+    """A figure drawn wider than the page shows is scaled down, and its text with it."""
+    small = [img for img in visit(page).layout["images"] if img["natural"] and img["displayed"] < img["natural"] / 2]
+    assert not small, f"{page}: images shown at less than half their width: {small}"
+
+
+@pytest.mark.parametrize("page", [page for page in PAGES if page.startswith("notebooks/")])
+def test_no_setup_code_is_visible(visit, page: str) -> None:
+    setup = visit(page).layout["setup"]
+    assert not setup, f"{page}: setup code on the page: {setup}"
+
+
+def test_the_intro_opens_with_the_claims_table(visit) -> None:
+    headers = visit("intro.html").layout["headers"]
+    assert headers, "intro.html: no table"
+    first = headers[0]
+    assert "verdict" in first and "claim" in first and "95% CI" in first, first

@@ -373,8 +373,8 @@ def test_gamma_response_marks_the_grid_the_choice_and_the_baseline(frame: pd.Dat
     ax = fig.axes[1]  # test kNN
     assert ax.get_xscale() == "log"
     lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}  # not the caps
-    assert list(lines) == ["byol + SO", "byol + SRIP", "byol without OR (mean of 3 seeds)"]
-    assert lines["byol without OR (mean of 3 seeds)"].get_ydata()[0] == pytest.approx(0.52)  # mean of 0.50, 0.52, 0.54
+    assert list(lines) == ["BYOL + SO", "BYOL + SRIP", "BYOL without OR (mean of 3 seeds)"]
+    assert lines["BYOL without OR (mean of 3 seeds)"].get_ydata()[0] == pytest.approx(0.52)  # mean of 0.50, 0.52, 0.54
     points = [c for c in ax.collections if isinstance(c, PathCollection)]
     hollow = [c for c in points if c.get_facecolors().size and np.allclose(c.get_facecolors()[:, :3], 1.0)]
     ringed = [c for c in points if not c.get_facecolors().size]

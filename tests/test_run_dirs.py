@@ -47,7 +47,7 @@ def test_the_figure_draws_each_runs_history() -> None:
         for axes, key in ((rank_axes, "effective_rank"), (loss_axes, "ssl_loss")):
             drawn = {line.get_label(): list(line.get_ydata()) for line in axes.get_lines()}
             assert drawn == {r.label: [e[key] for e in r.history] for r in runs}
-        assert {"byol, no OR", "byol + SO (1e-6)", "byol + SRIP (1e-3)"} == {r.label for r in runs}
+        assert {"BYOL, no OR", "BYOL + SO (1e-6)", "BYOL + SRIP (1e-3)"} == {r.label for r in runs}
     finally:
         plt.close(fig)
     with pytest.raises(ValueError, match="unknown metric.*'loss'.*effective_rank"):
