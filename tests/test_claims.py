@@ -325,3 +325,32 @@ def test_the_committed_claims_summary_is_the_records_one() -> None:
         pytest.skip(f"no records in {RESULTS} yet")
     text = (REPO / "results" / "figures" / "claims_cpu_small.md").read_text()
     assert report.claims_summary(_claims_table()) in text and f"from the {len(RECORDS)} records" in text
+
+
+PAIRED_RESULTS = REPO / "results" / "matrix_cpu_paired"
+
+
+def test_every_method_at_the_cpu_profile_beats_raw_pixels_and_the_readme_quotes_it() -> None:
+    """Issue 17, item 1: each recorded method of group ``methods`` of
+    ``configs/matrix_cpu_paired.yaml`` (the cpu profile, no OR, seed 0) ends above kNN on raw
+    32x32 pixels computed on the same evaluation images (each record's ``raw_pixels_knn_top1``),
+    and the README's table gives each record's numbers (rounded to 3 places)."""
+    records = [r for r in (load_records(PAIRED_RESULTS) if PAIRED_RESULTS.is_dir() else [])
+               if "methods" in r["groups"]]
+    if not records:
+        pytest.skip(f"no cpu-profile records in {PAIRED_RESULTS} yet")
+    below = [(r["name"], r["summary"]["knn_top1"], r["summary"]["raw_pixels_knn_top1"]) for r in records
+             if r["summary"]["knn_top1"] <= r["summary"]["raw_pixels_knn_top1"]]
+    assert not below, f"(run, kNN, raw pixels): {below}"
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("| method | kNN top-1 | linear top-1 | raw pixels kNN |", 1)[1].split("\n\n", 1)[0]
+    rows = {cells[0]: cells[1:4] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:] if line.startswith("|"))}
+    labels = {r["config"]["method"]: r for r in records}
+    from or_core.report import METHOD_LABELS
+
+    assert set(rows) == {METHOD_LABELS.get(m, m) for m in labels}, rows
+    for method, record in labels.items():
+        s = record["summary"]
+        quoted = [float(v) for v in rows[METHOD_LABELS.get(method, method)]]
+        assert quoted == pytest.approx([s["knn_top1"], s["linear_top1"], s["raw_pixels_knn_top1"]], abs=5.1e-4), method
