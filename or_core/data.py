@@ -721,9 +721,9 @@ def _output_size(files: list[Path], image_size: int | None, skip_corrupt: bool) 
 def _maybe_progress(loader: DataLoader, progress: bool) -> Iterable:
     if not progress:
         return loader
-    from tqdm.auto import tqdm
+    from or_core.progress import progress_bar
 
-    return tqdm(loader, desc="decoding", unit="chunk")
+    return progress_bar(loader, desc="decoding", unit="chunk")
 
 
 def _load_torchvision(

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -180,6 +181,11 @@ def figure_context() -> Iterator[None]:
     """The style and font sizes of every figure of the book (:data:`RC`, :data:`STYLE`)."""
     with plt.rc_context(RC), sns.axes_style(STYLE):
         yield
+        interactive = matplotlib.is_interactive()
+    # A Jupyter kernel loads its inline backend with the first figure, inside this context, and
+    # the backend turns interactive mode on; rc_context's restore would turn it off again, and
+    # then no later figure of the notebook would be shown.
+    matplotlib.interactive(interactive)
 
 
 def _width(fraction: float = 1.0) -> float:

@@ -28,11 +28,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.profiler import record_function
-from tqdm.auto import tqdm
 
 from or_core import distributed
 from or_core.checkpoint import load_checkpoint, save_atomic
@@ -45,6 +44,7 @@ from or_core.fast_path.batched_views import step_views
 from or_core.fast_path.compiled_calls import mark_step_begin
 from or_core.fast_path.deferred_checks import DeferredLossCheck
 from or_core.optim import clip_gradients, schedule_weight_decay
+from or_core.progress import progress_bar
 from or_core.run_files import (
     CHECKPOINT_FILE,
     RunConfigMismatchError,
@@ -55,6 +55,9 @@ from or_core.run_files import (
     write_summary,
 )
 from or_core.training_run import Run, build_run, select_device, trains_in_cpu_bf16
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 # build_run, evaluate_run and evaluate_dir live in or_core.training_run and or_core.evaluate; they
 # stay importable from here for the notebooks and the command line that name them so.
@@ -223,7 +226,7 @@ def _pretrain(
             print(f"resuming {out} from {where}", file=sys.stderr, flush=True)
     # the fixed test batch whose statistics metrics.jsonl records every epoch
     probe = load_split_at_most(cfg.dataset, "test", Path(os.path.expanduser(cfg.data_root)), cfg.image_size, 512, cfg.seed).images
-    bar = tqdm(total=cfg.epochs * run.steps_per_epoch, initial=step, disable=not (show_progress and main), desc=f"{cfg.method}+{cfg.regularizer}")
+    bar = progress_bar(total=cfg.epochs * run.steps_per_epoch, initial=step, enabled=show_progress and main, desc=f"{cfg.method}+{cfg.regularizer}")
     epochs_this_call = 0
     try:
         while epoch < cfg.epochs:
