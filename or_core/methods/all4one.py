@@ -5,7 +5,6 @@ https://arxiv.org/abs/2303.09417.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 
@@ -13,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from lightly.models.modules import NNCLRPredictionHead, NNCLRProjectionHead
 from lightly.models.modules.memory_bank import MemoryBankModule
-from lightly.models.utils import deactivate_requires_grad
 from torch import Tensor, nn
 
 from or_core.methods.base import OptimizerDefaults, SSLMethod, persistent_memory_bank
@@ -144,10 +142,7 @@ class All4One(SSLMethod):
         self.centroid_prediction_head = NNCLRPredictionHead(
             proj_output_dim, pred_hidden_dim, proj_output_dim
         )
-        self.target_backbone = copy.deepcopy(self.backbone)
-        self.target_projection_head = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.target_backbone)
-        deactivate_requires_grad(self.target_projection_head)
+        self.add_ema_targets("target", base_momentum, final_momentum)
         layer = nn.TransformerEncoderLayer(
             d_model=proj_output_dim,
             nhead=num_heads,
@@ -177,20 +172,10 @@ class All4One(SSLMethod):
         self.feature_weight = feature_weight
         self.feature_scale = feature_scale
         self.gather_distributed = gather_distributed
-        self.base_momentum = base_momentum
-        self.final_momentum = final_momentum
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [
-            (self.backbone, self.target_backbone),
-            (self.projection_head, self.target_projection_head),
-        ]
 
     def forward_target(self, x: Tensor) -> Tensor:
         """The l2-normalized target projection of ``x`` (no gradient)."""
-        with torch.no_grad():
-            t = self.target_projection_head(self.target_backbone(x).flatten(start_dim=1))
-            return F.normalize(t, dim=1)
+        return F.normalize(self.ema_projection(x), dim=1)
 
     def centroid(self, sequence: Tensor) -> Tensor:
         """The transformer's first output token for a ``(N, k, D)`` sequence."""

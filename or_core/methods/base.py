@@ -32,6 +32,7 @@ seen the online weights of step ``t - 1``. The update only happens in training m
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 from lightly.models.modules.memory_bank import MemoryBankModule
-from lightly.models.utils import get_weight_decay_parameters, update_momentum
+from lightly.models.utils import deactivate_requires_grad, get_weight_decay_parameters, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 
@@ -48,6 +49,9 @@ from or_core.backbones import SMALL_IMAGE_SIZE
 from or_core.fast_path.host_counters import enqueue_without_host_sync
 from or_core.methods.view_recipes import asymmetric_views, base_view, for_image_size
 from or_core.orthogonality import PENALTY_KINDS, OrthogonalityRegularizer
+
+#: The online modules that :meth:`SSLMethod.add_ema_targets` gives EMA copies, in this order.
+EMA_MODULES: tuple[str, ...] = ("backbone", "projection_head")
 
 __all__ = [
     "REGULARIZERS",
@@ -278,6 +282,7 @@ class SSLMethod(nn.Module):
         self.num_local_views = 0
         self.base_momentum: float | None = None
         self.final_momentum: float | None = None
+        self.ema_prefix: str | None = None  # set by add_ema_targets
         # Built here, before any head or EMA copy exists: it sees the online backbone only.
         self.regularizer: OrthogonalityRegularizer | None = None
         if regularizer != "none":
@@ -294,8 +299,39 @@ class SSLMethod(nn.Module):
         raise NotImplementedError
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        """``(online, EMA target)`` module pairs updated by :meth:`update_targets`; none here."""
-        return []
+        """``(online, EMA target)`` module pairs updated by :meth:`update_targets`: those of
+        :meth:`add_ema_targets`, or none."""
+        if self.ema_prefix is None:
+            return []
+        return [(getattr(self, name), getattr(self, f"{self.ema_prefix}_{name}")) for name in EMA_MODULES]
+
+    # ------------------------------------------------------------------------------------------
+    # EMA targets (BYOL, MoCo, DINO, ...)
+    # ------------------------------------------------------------------------------------------
+    def add_ema_targets(
+        self, prefix: str, base_momentum: float, final_momentum: float, **given: nn.Module
+    ) -> None:
+        """EMA targets of the backbone and the projection head, ``<prefix>_backbone`` and
+        ``<prefix>_projection_head`` (``target``, ``key``, ``teacher``: each paper's word).
+
+        Each is ``copy.deepcopy`` of its online module, or the module passed under the online
+        module's name (DINO's head, whose weight norm cannot be deep-copied), with gradients off.
+        :meth:`update_targets` moves them as ``target <- m * target + (1 - m) * online`` with
+        ``m`` going from ``base_momentum`` to ``final_momentum`` on a cosine of the progress.
+        """
+        for name in EMA_MODULES:
+            target = given[name] if name in given else copy.deepcopy(getattr(self, name))
+            deactivate_requires_grad(target)
+            setattr(self, f"{prefix}_{name}", target)
+        self.ema_prefix = prefix
+        self.base_momentum = base_momentum
+        self.final_momentum = final_momentum
+
+    @torch.no_grad()
+    def ema_projection(self, x: Tensor) -> Tensor:
+        """The projection of ``x`` by the EMA backbone and projection head (no gradient)."""
+        (_, backbone), (_, head) = self.momentum_pairs()
+        return head(backbone(x).flatten(start_dim=1))
 
     @classmethod
     def optimizer_defaults(cls, backbone: str, image_size: int | None) -> OptimizerDefaults:

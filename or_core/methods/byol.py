@@ -4,12 +4,10 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-from lightly.models.utils import deactivate_requires_grad
 from torch import Tensor, nn
 
 from or_core.methods.base import OptimizerDefaults, SSLMethod
@@ -96,23 +94,12 @@ class BYOL(SSLMethod):
         super().__init__(backbone, feature_dim, regularizer, gamma)
         self.projection_head = BYOLProjectionHead(feature_dim, proj_hidden_dim, proj_output_dim)
         self.prediction_head = BYOLPredictionHead(proj_output_dim, pred_hidden_dim, proj_output_dim)
-        self.target_backbone = copy.deepcopy(self.backbone)
-        self.target_projection_head = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.target_backbone)
-        deactivate_requires_grad(self.target_projection_head)
+        self.add_ema_targets("target", base_momentum, final_momentum)
         self.criterion = NegativeCosineSimilarity()
-        self.base_momentum = base_momentum
-        self.final_momentum = final_momentum
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [
-            (self.backbone, self.target_backbone),
-            (self.projection_head, self.target_projection_head),
-        ]
 
     def forward_target(self, x: Tensor) -> Tensor:
         """The target projection of ``x`` (no gradient)."""
-        return self.target_projection_head(self.target_backbone(x).flatten(start_dim=1)).detach()
+        return self.ema_projection(x)
 
     def byol_loss(self, views: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """The symmetric BYOL loss and the online representations ``h`` of the two views."""

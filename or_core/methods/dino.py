@@ -4,14 +4,12 @@ Self-Supervised Vision Transformers" (ICCV 2021), https://arxiv.org/abs/2104.142
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
-from lightly.models.utils import deactivate_requires_grad
 from torch import Tensor, nn
 
 from or_core.augment import ViewConfig
@@ -183,11 +181,9 @@ class DINO(SSLMethod):
             freeze_last_layer=1,
         )
         self.projection_head = DINOProjectionHead(**head_args)
-        self.teacher_backbone = copy.deepcopy(self.backbone)
-        self.teacher_projection_head = DINOProjectionHead(**head_args)
-        self.teacher_projection_head.load_state_dict(self.projection_head.state_dict())
-        deactivate_requires_grad(self.teacher_backbone)
-        deactivate_requires_grad(self.teacher_projection_head)
+        teacher_head = DINOProjectionHead(**head_args)
+        teacher_head.load_state_dict(self.projection_head.state_dict())
+        self.add_ema_targets("teacher", base_momentum, final_momentum, projection_head=teacher_head)
         self.criterion = DINOLoss(
             output_dim=num_prototypes,
             warmup_teacher_temp=warmup_teacher_temp,
@@ -199,15 +195,7 @@ class DINO(SSLMethod):
         self.warmup_teacher_temp = warmup_teacher_temp
         self.warmup_teacher_temp_progress = warmup_teacher_temp_progress
         self.freeze_last_layer_progress = freeze_last_layer_progress
-        self.base_momentum = base_momentum
-        self.final_momentum = final_momentum
         self.num_local_views = num_local_views
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [
-            (self.backbone, self.teacher_backbone),
-            (self.projection_head, self.teacher_projection_head),
-        ]
 
     def teacher_temperature(self, progress: float) -> float:
         """Linear warmup from ``warmup_teacher_temp`` to ``teacher_temp``, then constant
@@ -217,9 +205,8 @@ class DINO(SSLMethod):
         fraction = progress / self.warmup_teacher_temp_progress
         return self.warmup_teacher_temp + fraction * (self.teacher_temp - self.warmup_teacher_temp)
 
-    @torch.no_grad()
     def forward_teacher(self, x: Tensor) -> Tensor:
-        return self.teacher_projection_head(self.teacher_backbone(x).flatten(start_dim=1))
+        return self.ema_projection(x)
 
     def forward_student(self, x: Tensor) -> Tensor:
         return self.projection_head(self.features(x))

@@ -5,12 +5,11 @@ Unsupervised Visual Representation Learning" (CVPR 2020), https://arxiv.org/abs/
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 from lightly.loss import NTXentLoss
 from lightly.models.modules import MoCoProjectionHead
-from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requires_grad
+from lightly.models.utils import batch_shuffle, batch_unshuffle
 from lightly.utils import dist
 from torch import Tensor, nn
 
@@ -79,10 +78,7 @@ class MoCoV2(SSLMethod):
     ) -> None:
         super().__init__(backbone, feature_dim, regularizer, gamma)
         self.projection_head = MoCoProjectionHead(feature_dim, proj_hidden_dim, proj_output_dim)
-        self.key_backbone = copy.deepcopy(self.backbone)
-        self.key_projection_head = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.key_backbone)
-        deactivate_requires_grad(self.key_projection_head)
+        self.add_ema_targets("key", base_momentum, final_momentum)
         self.symmetric = symmetric
         bank = (queue_size, proj_output_dim)
         self.criteria = nn.ModuleList(
@@ -91,21 +87,12 @@ class MoCoV2(SSLMethod):
         )
         for criterion in self.criteria:
             persistent_memory_bank(criterion.memory_bank)  # the queues go into state_dict
-        self.base_momentum = base_momentum
-        self.final_momentum = final_momentum
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [
-            (self.backbone, self.key_backbone),
-            (self.projection_head, self.key_projection_head),
-        ]
 
     def forward_key(self, x: Tensor) -> Tensor:
         """The key projection of ``x`` by the EMA encoder, with shuffled batch norm."""
         distributed = dist.world_size() > 1
         x, shuffle = batch_shuffle(x, distributed=distributed)
-        keys = self.key_projection_head(self.key_backbone(x).flatten(start_dim=1))
-        return batch_unshuffle(keys, shuffle, distributed=distributed).detach()
+        return batch_unshuffle(self.ema_projection(x), shuffle, distributed=distributed)
 
     def ssl_loss(self, views: Sequence[Tensor], progress: float) -> Tensor:
         q0 = self.projection_head(self.features(views[0]))

@@ -4,13 +4,11 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from lightly.models.modules import BYOLPredictionHead, MoCoProjectionHead
-from lightly.models.utils import deactivate_requires_grad
 from lightly.utils import dist
 from torch import Tensor, nn
 
@@ -105,25 +103,13 @@ class MoCoV3(SSLMethod):
             feature_dim, proj_hidden_dim, proj_output_dim, num_layers=2, batch_norm=True
         )
         self.prediction_head = BYOLPredictionHead(proj_output_dim, pred_hidden_dim, proj_output_dim)
-        self.key_backbone = copy.deepcopy(self.backbone)
-        self.key_projection_head = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.key_backbone)
-        deactivate_requires_grad(self.key_projection_head)
+        self.add_ema_targets("key", base_momentum, final_momentum)
         self.temperature = temperature
         self.gather_distributed = gather_distributed
-        self.base_momentum = base_momentum
-        self.final_momentum = final_momentum
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [
-            (self.backbone, self.key_backbone),
-            (self.projection_head, self.key_projection_head),
-        ]
 
     def forward_key(self, x: Tensor) -> Tensor:
         """The key projection of ``x`` by the EMA encoder (no gradient)."""
-        with torch.no_grad():
-            return self.key_projection_head(self.key_backbone(x).flatten(start_dim=1))
+        return self.ema_projection(x)
 
     def ssl_loss(self, views: Sequence[Tensor], progress: float) -> Tensor:
         p0, p1 = (self.prediction_head(self.projection_head(self.features(v))) for v in views)

@@ -4,15 +4,12 @@ with Weak Augmentation" (NeurIPS 2021), https://arxiv.org/abs/2107.09282.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import replace
 
-import torch
 import torch.nn.functional as F
 from lightly.models.modules import MoCoProjectionHead
 from lightly.models.modules.memory_bank import MemoryBankModule
-from lightly.models.utils import deactivate_requires_grad
 from torch import Tensor, nn
 
 from or_core.augment import ViewConfig
@@ -107,10 +104,7 @@ class ReSSL(SSLMethod):
     ) -> None:
         super().__init__(backbone, feature_dim, regularizer, gamma)
         self.projection_head = MoCoProjectionHead(feature_dim, proj_hidden_dim, proj_output_dim)
-        self.key_backbone = copy.deepcopy(self.backbone)
-        self.key_projection_head = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.key_backbone)
-        deactivate_requires_grad(self.key_projection_head)
+        self.add_ema_targets("key", base_momentum, final_momentum)
         self.queue = persistent_memory_bank(
             MemoryBankModule(
                 size=(queue_size, proj_output_dim),
@@ -120,20 +114,10 @@ class ReSSL(SSLMethod):
         )
         self.temperature_q = temperature_q
         self.temperature_k = temperature_k
-        self.base_momentum = base_momentum
-        self.final_momentum = final_momentum
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [
-            (self.backbone, self.key_backbone),
-            (self.projection_head, self.key_projection_head),
-        ]
 
     def forward_key(self, x: Tensor) -> Tensor:
         """The l2-normalized key projection of ``x`` by the EMA encoder (no gradient)."""
-        with torch.no_grad():
-            k = self.key_projection_head(self.key_backbone(x).flatten(start_dim=1))
-            return F.normalize(k, dim=1)
+        return F.normalize(self.ema_projection(x), dim=1)
 
     def ssl_loss(self, views: Sequence[Tensor], progress: float) -> Tensor:
         q = F.normalize(self.projection_head(self.features(views[0])), dim=1)
