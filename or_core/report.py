@@ -1096,17 +1096,27 @@ def _cell(value: Any) -> str:
 def claims_markdown(headline: pd.DataFrame, sections: Mapping[str, tuple[str, str]] | None = None) -> str:
     """A :func:`headline_claims` table as a MyST Markdown table, each row ending with a
     ``{ref}`` link to the section that shows the claim (:data:`CLAIM_SECTIONS`), so that a
-    broken link fails the strict build."""
+    broken link fails the strict build.
+
+    Columns: claim, comparison, effect, 95% CI, seeds, verdict, section; a scale column only
+    when the rows come from more than one scale (the page names a single scale in its text).
+    How many of the claim's comparisons have an interval goes in the comparison's cell: a
+    column of its own made eight columns that broke their headers letter by letter at 690 px.
+    """
     sections = CLAIM_SECTIONS if sections is None else sections
-    header = ["claim", "scale", "best-powered comparison", "effect", "95% CI", "seeds", "verdict",
-              f"with >= {stats.MIN_SEEDS} seeds", "where"]
+    several_scales = headline["scale"].nunique() > 1
+    header = ["claim", *(["scale"] if several_scales else []), "comparison (the one with the most seeds)",
+              "effect", "95% CI", "seeds", "verdict", "section"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for key, row in headline.iterrows():
         label, text = sections.get(str(key), (None, ""))
         where = f"{{ref}}`{text} <{label}>`" if label else "-"
         effect = "-" if pd.isna(row["effect"]) else _signed(float(row["effect"]))
-        cells = [row["claim"], row["scale"], row["comparison"], effect, row["95% CI"], int(row["seeds"]),
-                 f"**{row['verdict']}**", row["comparisons"], where]
+        comparison = row["comparison"]
+        if row["comparisons"] != "none":
+            comparison = f"{comparison} ({row['comparisons']} comparisons with >= {stats.MIN_SEEDS} seeds)"
+        cells = [row["claim"], *([row["scale"]] if several_scales else []), comparison, effect, row["95% CI"],
+                 int(row["seeds"]), f"**{row['verdict']}**", where]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 

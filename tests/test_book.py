@@ -568,11 +568,12 @@ def test_the_intro_opens_with_the_claims_table_of_the_records(tmp_path: Path) ->
     headline = report.headline_claims(table)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     header = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert header[:7] == ["claim", "scale", "best-powered comparison", "effect", "95% CI", "seeds", "verdict"]
+    assert header == ["claim", "comparison (the one with the most seeds)", "effect", "95% CI", "seeds", "verdict", "section"]
     assert len(rows) - 1 == len(headline) == len(set(table.index))
     for (key, row), line in zip(headline.iterrows(), rows[1:]):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[0] == row["claim"] and cells[6] == f"**{row['verdict']}**" and cells[5] == str(row["seeds"])
+        assert cells[0] == row["claim"] and cells[5] == f"**{row['verdict']}**" and cells[4] == str(row["seeds"])
+        assert cells[1].startswith(row["comparison"]) and f"({row['comparisons']} comparisons" in cells[1]
         label = report.CLAIM_SECTIONS[key][0]
         assert f"<{label}>" in cells[-1]
         comparisons = table.loc[[key]]

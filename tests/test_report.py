@@ -487,3 +487,15 @@ print(json.dumps({"records": len(recs), "rows": [len(t) for t in tables], "befor
     assert found["records"] > 0 and all(n > 0 for n in found["rows"][:2])
     assert found["before"] == [] and found["after_tables"] == [] and found["after_figures"] == []
     assert found["matplotlib"]
+
+
+def test_claims_markdown_names_the_scale_only_when_the_rows_have_several() -> None:
+    columns = ["claim", "scale", "comparison", "effect", "95% CI", "seeds", "verdict", "comparisons"]
+    row = ["OR works", "cpu-small", "byol / cifar10 / SO", 0.01, "[-0.01, +0.03]", 3, "no detectable effect", "1 of 2"]
+    one = pd.DataFrame([row], columns=columns, index=["so_linear"])
+    header = report.claims_markdown(one, sections={}).splitlines()[0]
+    assert "scale" not in header and header.count("|") == 8
+    assert "byol / cifar10 / SO (1 of 2 comparisons with >= 2 seeds)" in report.claims_markdown(one, sections={})
+    two = pd.concat([one, pd.DataFrame([[*row[:1], "paper-scale", *row[2:]]], columns=columns, index=["so_knn"])])
+    lines = report.claims_markdown(two, sections={}).splitlines()
+    assert lines[0].split("|")[2].strip() == "scale" and "| paper-scale |" in lines[3]
