@@ -41,7 +41,7 @@ from or_core.fast_path.compiled_calls import eager
 from or_core.orthogonality import regularized_weights, so_penalty
 from or_core.provenance import versions
 from or_core.run_files import CHECKPOINT_FILE, write_summary
-from or_core.training_run import Run, build_run
+from or_core.training_run import Run, build_run, initial_backbone
 
 __all__ = [
     "EVALUATION_FIELDS",
@@ -215,6 +215,7 @@ def evaluate_run(run: Run, history: list[dict[str, Any]], wall: float) -> dict[s
     )
     val = _validation_knn(run, root)
     pixels = raw_pixel_knn(run, root)
+    untrained = untrained_knn(run, root)
     with torch.no_grad():
         so_total = sum(so_penalty(w.detach()).item() for _, w in regularized_weights(backbone))
     regularizer = run.method.regularizer
@@ -237,6 +238,7 @@ def evaluate_run(run: Run, history: list[dict[str, Any]], wall: float) -> dict[s
         "knn_top1": knn["top1"],
         "knn_top5": knn["top5"],
         "raw_pixels_knn_top1": pixels,
+        "untrained_knn_top1": untrained,
         "linear_top1": linear["top1"],
         "linear_top5": linear["top5"],
         "eval_train_images": len(train_labels),
@@ -259,11 +261,15 @@ def evaluate_run(run: Run, history: list[dict[str, Any]], wall: float) -> dict[s
     }
 
 
-def _split_features(run: Run, root: Path, split: str, subset: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Frozen backbone features, labels and class count of a split (a class-balanced subset of
-    ``subset`` images if given). Resident runs decode the split into the tensor cache; a
-    streaming run streams it through DataLoader workers (only the features stay in memory)."""
-    cfg, backbone = run.cfg, run.method.backbone
+def _split_features(
+    run: Run, root: Path, split: str, subset: int | None, backbone: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Frozen features of ``backbone`` (default: the run's), labels and class count of a split
+    (a class-balanced subset of ``subset`` images if given). Resident runs decode the split into
+    the tensor cache; a streaming run streams it through DataLoader workers (only the features
+    stay in memory)."""
+    cfg = run.cfg
+    backbone = run.method.backbone if backbone is None else backbone
     features = lambda images: extract_features(backbone, images, run.mean, run.std, device=run.device, amp=cfg.amp)  # noqa: E731
     if not cfg.stream:
         data = load_split(cfg.dataset, split, root, cfg.image_size, subset, cfg.seed)
@@ -277,6 +283,23 @@ def _split_features(run: Run, root: Path, split: str, subset: int | None) -> tup
         feats.append(features(images))
         labels.append(y)
     return torch.cat(feats), torch.cat(labels), len(loader.dataset.classes)
+
+
+def untrained_knn(run: Run, root: Path) -> float | None:
+    """kNN top-1 of the run's encoder before training: :func:`~or_core.training_run.initial_backbone`
+    rebuilds the same architecture from the same seed, hence the same initial weights, and the same
+    kNN runs on the same images. A method whose kNN is not above it has learned nothing that kNN
+    can use. Rebuilding it leaves the global random state as it was. ``None`` for a streamed run, as for
+    :func:`raw_pixel_knn`."""
+    cfg = run.cfg
+    if cfg.stream:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        backbone, _ = initial_backbone(cfg, run.image_size)
+    backbone.to(run.device)
+    train_feats, train_labels, num_classes = _split_features(run, root, "train", cfg.eval_train_subset, backbone)
+    test_feats, test_labels, _ = _split_features(run, root, "test", cfg.eval_test_subset, backbone)
+    return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, cfg.knn_k, cfg.knn_t)["top1"]
 
 
 def raw_pixel_knn(run: Run, root: Path) -> float | None:

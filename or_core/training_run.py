@@ -131,6 +131,15 @@ def _check_method_kwargs(cfg: PretrainConfig) -> None:
         raise ConfigError(f"method_kwargs: {cfg.method} takes no {unknown}; valid: {', '.join(valid)}")
 
 
+def initial_backbone(cfg: PretrainConfig, image_size: int) -> tuple[nn.Module, int]:
+    """The encoder of a run as it starts training, and its feature size: ``cfg.backbone`` at
+    ``cfg.width`` for ``image_size`` pixels, built right after ``torch.manual_seed(cfg.seed)``, so
+    that every method of one seed starts from the same weights (and the evaluation can rebuild
+    them as the untrained reference, :func:`or_core.evaluate.untrained_knn`)."""
+    torch.manual_seed(cfg.seed)
+    return build_backbone(cfg.backbone, image_size=image_size, width=cfg.width)
+
+
 def build_run(cfg: PretrainConfig) -> Run:
     """Data, backbone, method (with its OR switch), augmentation, optimizer and schedule.
 
@@ -158,10 +167,9 @@ def build_run(cfg: PretrainConfig) -> Run:
             f"the training set has {train_size} images, fewer than one batch of {cfg.batch_size}: "
             f"lower batch_size (--batch-size)"
         )
-    # Seeded after loading: decoding a split the first time draws from the global RNG
+    # Built after loading: decoding a split the first time draws from the global RNG
     # (DataLoader workers), which must not change the initial weights.
-    torch.manual_seed(cfg.seed)
-    backbone, feature_dim = build_backbone(cfg.backbone, image_size=image_size, width=cfg.width)
+    backbone, feature_dim = initial_backbone(cfg, image_size)
     method_kwargs = distributed.method_kwargs(cfg.method, cfg.method_kwargs)
     method = build_method(
         cfg.method, backbone, feature_dim, regularizer=cfg.regularizer, gamma=cfg.gamma, **method_kwargs

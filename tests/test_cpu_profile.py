@@ -96,3 +96,30 @@ def test_the_cpu_profile_is_the_pilot_chosen_on_validation() -> None:
     assert test == pytest.approx(chosen["test_knn_top1"], abs=5e-4)
     assert pixels == pytest.approx(record["raw_pixels_knn_top1"], abs=5e-4)
     assert test > record["raw_pixels_knn_top1"] and chosen["test_knn_top1"] >= 0.45
+
+
+def test_the_untrained_reference_is_the_runs_own_initial_encoder(folder: Path) -> None:
+    """``untrained_knn`` rebuilds the encoder the run started from (same weights, bit for bit),
+    runs the same kNN on it, and leaves the global random state alone."""
+    from or_core.evaluate import extract_features, untrained_knn
+    from or_core.training_run import initial_backbone
+
+    run = _ci_run(folder)
+    start = {k: v.clone() for k, v in run.method.backbone.state_dict().items()}
+    rebuilt, _ = initial_backbone(run.cfg, run.image_size)
+    assert start.keys() == rebuilt.state_dict().keys()
+    assert all(torch.equal(start[k], v) for k, v in rebuilt.state_dict().items())
+
+    cfg, root = run.cfg, Path(run.cfg.data_root).expanduser()
+    raw_pixel_knn(run, root)  # decodes the evaluation splits (a first decoding draws from the global RNG)
+    state = torch.random.get_rng_state()
+    got = untrained_knn(run, root)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    from or_core.data import load_split
+
+    train = load_split(cfg.dataset, "train", root, cfg.image_size, cfg.eval_train_subset, cfg.seed)
+    test = load_split(cfg.dataset, "test", root, cfg.image_size, cfg.eval_test_subset, cfg.seed)
+    feats = [extract_features(run.method.backbone, d.images, run.mean, run.std, device=run.device) for d in (train, test)]
+    want = knn_accuracy(feats[0], train.labels, feats[1], test.labels, 3, cfg.knn_k, cfg.knn_t)["top1"]
+    # the run has not trained, so its backbone is the untrained encoder; a tie may move one vote
+    assert got == pytest.approx(want, abs=1.0 / len(test.labels) + 1e-9)
