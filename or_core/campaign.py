@@ -274,7 +274,8 @@ def read_rates(path: str | Path) -> dict[tuple[str, str, str], tuple[float, str]
         number = _positive(rate)
         if not isinstance(method, str) or not isinstance(regularizer, str) or number is None:
             raise ConfigError(
-                f"{source}: a rate needs a method, a regularizer and images/s > 0, got {method!r}, {regularizer!r}, {rate!r}"
+                f"{source}: a rate needs a method, a regularizer and images/s > 0, "
+                f"got {method!r}, {regularizer!r}, {rate!r}"
             )
         key = (method, regularizer, mode)
         if key not in found or number < found[key][0]:
@@ -282,7 +283,8 @@ def read_rates(path: str | Path) -> dict[tuple[str, str, str], tuple[float, str]
 
     files = sorted(path.rglob("*.json")) if path.is_dir() else [path]
     for file in files:
-        name = str(file.relative_to(path)) if path.is_dir() else file.name  # e.g. call1-<commit>/throughput_methods.json
+        # e.g. call1-<commit>/throughput_methods.json
+        name = str(file.relative_to(path)) if path.is_dir() else file.name
         try:
             data = json.loads(file.read_text())
         except (ValueError, OSError) as error:
@@ -346,7 +348,8 @@ def _rates_problems(block: Any, where: str) -> list[str]:
         for regularizer, rate in rates.items():
             if regularizer != ANY and regularizer not in REGULARIZERS:
                 problems.append(
-                    f"{where}: rates of {method!r}: unknown regularizer {regularizer!r}; valid: {', '.join(REGULARIZERS)}, {ANY}"
+                    f"{where}: rates of {method!r}: unknown regularizer {regularizer!r}; "
+                    f"valid: {', '.join(REGULARIZERS)}, {ANY}"
                 )
             if _positive(rate) is None:
                 problems.append(f"{where}: rates of {method!r}: {regularizer!r} must be images/s > 0, got {rate!r}")
@@ -395,7 +398,8 @@ def _top_problems(spec: dict[str, Any]) -> list[str]:
                 problems.append(f"allowance_s: {key!r} must be seconds >= 0, got {value!r}")
     if _number(spec.get("margin", DEFAULT_MARGIN), 1.0, strict=False) is None:
         problems.append(
-            f"`margin:` must be a number >= 1 (below 1 a run is assumed faster than measured), got {spec.get('margin')!r}"
+            f"`margin:` must be a number >= 1 (below 1 a run is assumed faster than measured), "
+            f"got {spec.get('margin')!r}"
         )
     if not isinstance(spec.get("skip_to_smaller", False), bool):
         problems.append(f"`skip_to_smaller:` must be true or false, got {spec.get('skip_to_smaller')!r}")
@@ -523,7 +527,9 @@ def load_campaign(
             name = entry.get("name") or run_name(overrides)
             label = f"{where} ({name})"
             if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-                problems.append(f"{label}: a name holds letters, digits, '.', '_' and '-' only (it names the bundle file)")
+                problems.append(
+                    f"{label}: a name holds letters, digits, '.', '_' and '-' only (it names the bundle file)"
+                )
                 continue
             if name in entry_of:
                 problems.append(
@@ -770,7 +776,9 @@ def run_campaign(
             result.skipped[run.name] = (NOT_STARTED, f"after {stopped_at}, in priority order")
             continue
         if why == NEVER_FITS:
-            result.skipped[run.name] = (why, f"expected {run.expected_s:.0f} s > the {fresh:.0f} s a call of this budget has")
+            result.skipped[run.name] = (
+                why, f"expected {run.expected_s:.0f} s > the {fresh:.0f} s a call of this budget has"
+            )
             _say(
                 f"skip {run.name}: expected {_minutes(run.expected_s)}, more than a call of this budget has "
                 f"({fresh:.0f} s); give it a larger --budget-s or a measured rate (--rates)"
@@ -785,7 +793,10 @@ def run_campaign(
         if dry_run:
             clock += run.expected_s
             result.ran[run.name] = bundle
-            _say(f"would run {where}: expected {_minutes(run.expected_s)} at {run.rate:,.0f} images/s ({run.rate_source})")
+            _say(
+                f"would run {where}: expected {_minutes(run.expected_s)} at {run.rate:,.0f} images/s "
+                f"({run.rate_source})"
+            )
             continue
         _say(
             f"start {where}: expected {_minutes(run.expected_s)} at {run.rate:,.0f} images/s ({run.rate_source}), "

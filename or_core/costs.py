@@ -44,7 +44,8 @@ def measured_runs(runs: Sequence[RunDir], min_epochs: int = MIN_EPOCHS) -> pd.Da
         rows.append({
             "run": run.name, "device": (run.summary or {}).get("device", "-"), "method": run.config.get("method"),
             "regularizer": run.config.get("regularizer", "none"), "dataset": Path(str(run.config.get("dataset"))).name,
-            "epochs recorded": len(times), "first epoch (s)": times[0], "later epochs, median (s)": statistics.median(times[1:]),
+            "epochs recorded": len(times), "first epoch (s)": times[0],
+            "later epochs, median (s)": statistics.median(times[1:]),
         })
     columns = ["run", "device", "method", "regularizer", "dataset", "epochs recorded", "first epoch (s)",
                "later epochs, median (s)"]
@@ -76,8 +77,10 @@ def matrix_costs(matrices: Sequence[str | Path], measured: pd.DataFrame) -> pd.D
         minutes = [(first + (n - 1) * later) / 60 for n in epochs]
         others = sorted({str(e.overrides.get("method")) for e in matrix.experiments} - set(methods))
         basis = (f"{len(same)} measured {', '.join(methods)} runs on one {device}: {later:.2f} s per epoch "
-                 f"after a first of {first:.0f} s" + (f"; {', '.join(others)} taken at the same rate" if others else ""))
-        rows.append({"matrix": Path(path).name, "runs": len(epochs), "epochs": ", ".join(str(n) for n in sorted(set(epochs))),
+                 f"after a first of {first:.0f} s"
+                 + (f"; {', '.join(others)} taken at the same rate" if others else ""))
+        rows.append({"matrix": Path(path).name, "runs": len(epochs),
+                     "epochs": ", ".join(str(n) for n in sorted(set(epochs))),
                      "minutes per run": sum(minutes) / len(minutes), "GPU hours": sum(minutes) / 60, "basis": basis})
     return pd.DataFrame(rows, columns=columns)
 

@@ -191,7 +191,9 @@ class DatasetSource:
             if (self.root / folder).is_dir():
                 return self.root / folder
         wanted = " or ".join(f"{self.root / f}/" for f in candidates[split])
-        raise MissingPathError(f"split {split!r} of {self.name}: no folder {wanted}; add it or point --dataset at another root")
+        raise MissingPathError(
+            f"split {split!r} of {self.name}: no folder {wanted}; add it or point --dataset at another root"
+        )
 
 
 def default_data_root() -> Path:

@@ -285,7 +285,9 @@ class CPUSyncBatchNorm(_BatchNorm):
         sums = differentiable_all_reduce(sums)
         count = sums[-1]
         if count.item() <= 1:
-            raise ValueError(f"expected more than 1 value per channel when training, got input size {tuple(input.shape)}")
+            raise ValueError(
+                f"expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
+            )
         mean = sums[:channels] / count
         var = (sums[channels : 2 * channels] / count - mean * mean).clamp_min(0.0)
 

@@ -90,8 +90,9 @@ def extract_features(
     """Backbone features ``(N, D)`` in float32 of uint8 images ``(N, 3, H, W)``, in eval mode.
 
     Images are scaled to ``[0, 1]`` and normalized with ``mean``/``std`` (those of training),
-    without other augmentation (:func:`normalized_batches`). The backbone's train/eval mode is restored afterwards. A backbone
-    compiled for training (:mod:`or_core.fast_path.compiled_calls`) runs eagerly here.
+    without other augmentation (:func:`normalized_batches`). The backbone's train/eval mode is
+    restored afterwards. A backbone compiled for training (:mod:`or_core.fast_path.compiled_calls`)
+    runs eagerly here.
     """
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     was_training = backbone.training
@@ -270,7 +271,9 @@ def _split_features(
     stay in memory)."""
     cfg = run.cfg
     backbone = run.method.backbone if backbone is None else backbone
-    features = lambda images: extract_features(backbone, images, run.mean, run.std, device=run.device, amp=cfg.amp)  # noqa: E731
+    features = lambda images: extract_features(  # noqa: E731
+        backbone, images, run.mean, run.std, device=run.device, amp=cfg.amp
+    )
     if not cfg.stream:
         data = load_split(cfg.dataset, split, root, cfg.image_size, subset, cfg.seed)
         return features(data.images), data.labels, data.num_classes

@@ -147,7 +147,8 @@ def run_experiment(
     start = time.perf_counter()
     summary = pretrain(cfg, out, show_progress=show_progress)
     run = load_trained(out)
-    test = load_split(cfg.dataset, "test", Path(os.path.expanduser(cfg.data_root)), cfg.image_size, cfg.eval_test_subset, cfg.seed)
+    test = load_split(cfg.dataset, "test", Path(os.path.expanduser(cfg.data_root)), cfg.image_size,
+                      cfg.eval_test_subset, cfg.seed)
     history = read_metrics(out)
     record = {
         "name": experiment.name,
@@ -234,7 +235,8 @@ def _not_chosen(matrix: Matrix, experiment: Experiment, error: GammaNotChosen, f
         key = choice_key(experiment.overrides)
         grid = {e.name for e in matrix.experiments if e.selection and choice_key(e.overrides) == key}
     else:
-        grid = {e.name for e in matrix.experiments if not e.needs_chosen_gamma and e.overrides.get("regularizer") == reg}
+        grid = {e.name for e in matrix.experiments
+                if not e.needs_chosen_gamma and e.overrides.get("regularizer") == reg}
     grid_failed = [name for name in failed if name in grid]
     if grid_failed:
         return f"not run: its gamma cannot be chosen, as {reg} grid run(s) {', '.join(grid_failed)} failed"
@@ -292,7 +294,10 @@ def run_matrix(
     if dry_run:
         return pending_runs(matrix, groups, only, rerun)
     check_selection(matrix, groups, only)
-    work_dir = Path(work_dir).expanduser() if work_dir else Path("~/.cache/or_core/matrix").expanduser() / matrix.path.stem
+    work_dir = (
+        Path(work_dir).expanduser() if work_dir
+        else Path("~/.cache/or_core/matrix").expanduser() / matrix.path.stem
+    )
     wanted = [e for e in matrix.experiments if groups is None or set(e.groups) & set(groups)]
     ran: list[str] = []
     failed: dict[str, str] = {}
@@ -306,7 +311,8 @@ def run_matrix(
             for e in phase:
                 if matrix.record_path(e).is_file() and not rerun:
                     _attempt(e.name, lambda e=e: _merge_groups(matrix, e, work_dir), failed, debug)
-        phase = [e for e in phase if (rerun or not matrix.record_path(e).is_file()) and (only is None or e.name in only)]
+        phase = [e for e in phase
+                 if (rerun or not matrix.record_path(e).is_file()) and (only is None or e.name in only)]
         phase = list({e.name: e for e in phase}.values())
         if not phase:
             continue

@@ -51,7 +51,9 @@ class LARS(LightlyLARS):
     solo-learn's ``clip_lr`` and ``exclude_bias_n_norm`` (both off by default: lightly's update),
     with a step that never synchronizes with the host; see the module docstring."""
 
-    def __init__(self, params: Any, lr: float, *, clip_lr: bool = False, exclude_bias_n_norm: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, params: Any, lr: float, *, clip_lr: bool = False, exclude_bias_n_norm: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(params, lr, **kwargs)
         for group in self.param_groups:
             group.setdefault("clip_lr", clip_lr)

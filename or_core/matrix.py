@@ -161,7 +161,9 @@ def _kind(value: Any) -> str:
 def _read_spec(path: Path) -> dict[str, Any]:
     """The mapping of a matrix file; a missing file, invalid YAML or a top level that is not a
     mapping is an error naming the file and the fix."""
-    spec = read_yaml_file(path, f"matrix file not found: {path}; check the path (the matrices are configs/matrix_*.yaml)")
+    spec = read_yaml_file(
+        path, f"matrix file not found: {path}; check the path (the matrices are configs/matrix_*.yaml)"
+    )
     if spec is None:
         spec = {}
     if not isinstance(spec, dict):
@@ -171,10 +173,13 @@ def _read_spec(path: Path) -> dict[str, Any]:
         )
     runs = spec.get("runs")
     if runs is None or runs == []:
-        raise ConfigError(f"{path}: no runs; add a `runs:` list with one `- {{method: ..., dataset: ...}}` item per entry")
+        raise ConfigError(
+            f"{path}: no runs; add a `runs:` list with one `- {{method: ..., dataset: ...}}` item per entry"
+        )
     if not isinstance(runs, list):
         raise ConfigError(
-            f"{path}: `runs:` must be a list of entries, each a `- ` item such as `- {{method: byol, regularizer: so}}`, "
+            f"{path}: `runs:` must be a list of entries, each a `- ` item such as "
+            f"`- {{method: byol, regularizer: so}}`, "
             f"got {_kind(runs)}; put a `- ` before each entry"
         )
     return spec
@@ -229,7 +234,9 @@ def _choose_problems(choose: dict[str, Any]) -> list[str]:
         return [*problems, f"choose_gamma: 'grids' must map regularizers to lists of gammas, got {grids!r}"]
     for regularizer, grid in grids.items():
         if not isinstance(grid, list) or not grid:
-            problems.append(f"choose_gamma: the grid of {regularizer!r} must be a non-empty list of gammas, got {grid!r}")
+            problems.append(
+                f"choose_gamma: the grid of {regularizer!r} must be a non-empty list of gammas, got {grid!r}"
+            )
             continue
         for gamma in grid:
             try:
@@ -269,7 +276,9 @@ def _field_problems(where: str, fields: dict[str, Any], expand: bool = True) -> 
     unknown = sorted(set(fields) - valid - extra - {"profile"}, key=str)
     problems = [f"{where}: unknown fields {unknown}; valid: {sorted(valid | extra)}"] if unknown else []
     if "profile" in fields:
-        problems.append(f"{where}: 'profile' is the matrix's own (a top-level `profile:`), not a field of runs; move it")
+        problems.append(
+            f"{where}: 'profile' is the matrix's own (a top-level `profile:`), not a field of runs; move it"
+        )
     for key, value in fields.items():
         if key not in valid:
             continue
@@ -670,6 +679,7 @@ def pending_runs(
             phase, unresolved = resolve_each(matrix, phase)
             if only is None:  # a worker (--only) of the first phase skips them
                 names += [e.name for e, _ in unresolved]
-        phase = [e for e in phase if (rerun or not matrix.record_path(e).is_file()) and (only is None or e.name in only)]
+        phase = [e for e in phase
+                 if (rerun or not matrix.record_path(e).is_file()) and (only is None or e.name in only)]
         names += list({e.name: e for e in phase})
     return names

@@ -105,7 +105,8 @@ def load_trained(run_dir: str | Path, device: str | torch.device | None = None) 
     cfg = PretrainConfig.from_dict(saved, str(out / CHECKPOINT_FILE))
     image_size = _image_size(cfg, out)
     backbone, feature_dim = build_backbone(cfg.backbone, image_size=image_size, width=cfg.width)
-    method = build_method(cfg.method, backbone, feature_dim, regularizer=cfg.regularizer, gamma=cfg.gamma, **cfg.method_kwargs)
+    method = build_method(cfg.method, backbone, feature_dim, regularizer=cfg.regularizer, gamma=cfg.gamma,
+                          **cfg.method_kwargs)
     method.load_state_dict(state["method"])
     device = select_device(cfg.device) if device is None else torch.device(device)
     method.to(device).eval()
@@ -163,7 +164,10 @@ def collapse_spectra(
         name.removesuffix(".weight"): _floats(normalized_spectrum(s.double() ** 2))
         for name, s in weight_spectra(backbone).items()
     }
-    so = {name.removesuffix(".weight"): float(so_penalty(w.detach().double())) for name, w in regularized_weights(backbone)}
+    so = {
+        name.removesuffix(".weight"): float(so_penalty(w.detach().double()))
+        for name, w in regularized_weights(backbone)
+    }
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     rows = features(backbone, normalized_batches(images, mean, std, batch_size, device), layers, device=device)
     spectra = {name: normalized_spectrum(covariance_eigenvalues(x)) for name, x in rows.items()}

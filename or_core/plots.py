@@ -157,7 +157,8 @@ def condition_of(label: str) -> str | None:
     if "so" in words:
         return "so"
     names = {m.lower() for m in report.METHOD_LABELS} | {v.lower() for v in report.METHOD_LABELS.values()}
-    if words & {"none"} or "no or" in text or "without or" in text or any(re.search(rf"\b{re.escape(n)}\b", text) for n in names):
+    if (words & {"none"} or "no or" in text or "without or" in text
+            or any(re.search(rf"\b{re.escape(n)}\b", text) for n in names)):
         return "none"
     return None
 
@@ -294,7 +295,8 @@ def plot_spectra(
                 _band(ax, x, rows, style["color"], log=True)
         ax.set_yscale("log")
         default_xlabel = "index / (count - 1)" if relative_index else "index (sorted, descending)"
-        _finish(ax, xlabel or default_xlabel, ylabel or ("value / largest" if normalize else "value"), title, bool(spectra))
+        _finish(ax, xlabel or default_xlabel, ylabel or ("value / largest" if normalize else "value"), title,
+                bool(spectra))
     return fig
 
 
@@ -786,7 +788,8 @@ def history_figure(
         raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(HISTORY_LABELS)}")
     ncols = min(len(metrics), 2)
     with figure_context():
-        fig, axes = plt.subplots(-(-len(metrics) // ncols), ncols, figsize=(DISPLAY_WIDTH_IN, 3.2 * -(-len(metrics) // ncols) + 0.6),
+        fig, axes = plt.subplots(-(-len(metrics) // ncols), ncols,
+                                 figsize=(DISPLAY_WIDTH_IN, 3.2 * -(-len(metrics) // ncols) + 0.6),
                                  squeeze=False, layout="constrained")
         styles = condition_style([run.label for run in runs])
         for ax, metric in zip(axes.flat, metrics):

@@ -2,8 +2,9 @@
 
 Every table of notebooks 03 and 05 comes from here, and what each of their figures draws
 (:mod:`or_core.plots` draws it); the notebooks only call these functions. Nothing here imports
-matplotlib or the training code: records are read and turned into tables. Each record is one run of an experiment matrix (:mod:`or_core.experiments`): its
-config, summary numbers, collapse spectra, transfer probes and the scale it was made at.
+matplotlib or the training code: records are read and turned into tables. Each record is one
+run of an experiment matrix (:mod:`or_core.experiments`): its config, summary numbers, collapse
+spectra, transfer probes and the scale it was made at.
 
 * :func:`load_folder`, :func:`matrix_records`: records from disk; :func:`records_frame`: one
   row per run, with spectral flatness measures derived from the stored spectra;
@@ -526,7 +527,8 @@ def gamma_response_panels(
         })
     bands = ("\n(points and dashed line: mean over the seeds recorded; bars and band: min to max over them)"
              if several else "")
-    title = (f"{method_label(method)} on {_DATASET_LABELS.get(dataset, dataset)}: accuracy against gamma {_scale_tag(runs)}\n"
+    title = (f"{method_label(method)} on {_DATASET_LABELS.get(dataset, dataset)}: "
+             f"accuracy against gamma {_scale_tag(runs)}\n"
              f"(filled: the paper's grid; hollow: outside it; ringed: chosen on validation){bands}")
     return panels, title
 
@@ -633,9 +635,11 @@ def spectra_panels(
         panels = {"representation": _panel(collapse, "representation")}
     else:
         available = _names(collapse, kind)
-        chosen = list(layers) if layers is not None else (_stage_last_convs(available) if kind == "weights" else available)
+        chosen = (list(layers) if layers is not None
+                  else (_stage_last_convs(available) if kind == "weights" else available))
         panels = {layer: _panel(collapse, kind, layer) for layer in chosen}
-    what = {"weights": "weight Gram", "hidden": "hidden-feature covariance", "representation": "representation covariance"}
+    what = {"weights": "weight Gram", "hidden": "hidden-feature covariance",
+            "representation": "representation covariance"}
     return panels, _titled(title or f"Eigenvalue spectra of {what[kind]} matrices", runs)
 
 
@@ -673,13 +677,15 @@ def spectra_fallback(
     ``None``, the default) when they hold a run of :func:`figure2_runs`, else ``fallback``'s,
     with a title that says so."""
     if not figure2_runs(records) and figure2_runs(fallback):
-        return fallback, f"Figure 2 analogue, FALLBACK: no {expected} records yet, the {scale_label(fallback)} records instead"
+        return fallback, (f"Figure 2 analogue, FALLBACK: no {expected} records yet, "
+                          f"the {scale_label(fallback)} records instead")
     return records, None
 
 
 def stage_spectra_title(runs: Runs, title: str | None = None) -> str:
     """The title of the Figure 3 analogue (:func:`or_core.plots.stage_spectra_figure`) of ``runs``."""
-    return _titled(title or f"Figure 3 analogue: hidden features per stage, BYOL on CIFAR-10, {_backbone_text(runs)}", runs)
+    return _titled(title or f"Figure 3 analogue: hidden features per stage, BYOL on CIFAR-10, {_backbone_text(runs)}",
+                   runs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -853,7 +859,8 @@ def _transfer_pairs(records: Sequence[Mapping[str, Any]], metric: str = "linear_
     pairs = table[table["regularizer"] != "none"].merge(base, on=keys, how="left", suffixes=("", "_none"))
     gammas = {(r.get("scale"), r.get("name")): (r.get("summary") or {}).get("gamma") for r in records}
     pairs["gamma"] = [gammas.get((s, n)) for s, n in zip(pairs["scale"], pairs["name"])]
-    label = pairs["method"] + " / " + pairs["pretrained on"] + " / " + pairs["regularizer"].map(lambda r: _LABELS.get(r, r))
+    label = (pairs["method"] + " / " + pairs["pretrained on"] + " / "
+             + pairs["regularizer"].map(lambda r: _LABELS.get(r, r)))
     return _pairs(pairs, label, pairs[metric].astype(float) - pairs[f"{metric}_none"].astype(float),
                   suffix=" -> " + pairs["target"])
 
@@ -964,12 +971,14 @@ def claims_summary(table: pd.DataFrame) -> str:
             hits = comparisons.loc[[key]]
             hits = hits[hits["verdict"] == name]
             few = f"; {_plural(claim[TOO_FEW], 'other comparison')} with too few seeds" if claim[TOO_FEW] else ""
-            items.append(f"{claim['claim'].rstrip('.')} ({'; '.join(_with_interval(r) for _, r in hits.iterrows())}{few})")
+            items.append(f"{claim['claim'].rstrip('.')} "
+                         f"({'; '.join(_with_interval(r) for _, r in hits.iterrows())}{few})")
         if items:
             lines.append(f"* **{name.capitalize()}**: {'; '.join(items)}.")
     few_only = overview[(overview["with an interval"] == 0) & (overview[TOO_FEW] > 0)]
     if not few_only.empty:
-        items = "; ".join(f"{c['claim'].rstrip('.')} ({_plural(c[TOO_FEW], 'comparison')})" for _, c in few_only.iterrows())
+        items = "; ".join(f"{c['claim'].rstrip('.')} ({_plural(c[TOO_FEW], 'comparison')})"
+                          for _, c in few_only.iterrows())
         lines.append(f"* **Too few seeds** (one seed per comparison: a difference, no verdict): {items}.")
     unmeasured = overview[(overview[NOT_MEASURED] > 0)]
     if not unmeasured.empty:
@@ -1142,7 +1151,8 @@ def record_link(path: str | Path, root: str | Path | None = None) -> str:
 def published_baselines(path: str | Path | None = None) -> list[dict[str, Any]]:
     """The published numbers of ``results/published/baselines.json`` (lightly, solo-learn), each
     with its library, protocol, epochs, batch size and source."""
-    path = Path(path) if path is not None else Path(__file__).resolve().parents[1] / "results" / "published" / "baselines.json"
+    path = (Path(path) if path is not None
+            else Path(__file__).resolve().parents[1] / "results" / "published" / "baselines.json")
     from or_core.records import load_record
 
     return list(load_record(path).get("baselines", []))
@@ -1162,7 +1172,8 @@ def baselines_table(frame: pd.DataFrame, baselines: Sequence[Mapping[str, Any]],
         rows.append({"source": entry["library"], "dataset": entry["dataset"], "metric": entry["metric"],
                      "value": float(entry["value"]), "epochs": entry.get("epochs"), "batch": entry.get("batch_size"),
                      "width": 1.0, "protocol": entry.get("protocol", "")})
-        ours = runs[(runs["method"] == method) & (runs["dataset"] == entry["dataset"]) & (runs["regularizer"] == "none")]
+        ours = runs[(runs["method"] == method) & (runs["dataset"] == entry["dataset"])
+                    & (runs["regularizer"] == "none")]
         for _, run in ours.iterrows():
             rows.append({"source": f"or_core [{run['scale']}]", "dataset": entry["dataset"], "metric": entry["metric"],
                          "value": float(run[entry["metric"]]), "epochs": run["epochs"], "batch": math.nan,
@@ -1324,7 +1335,8 @@ def overhead_table(benchmark: Mapping[str, Any]) -> pd.DataFrame:
                 "OR term alone (s)": only.get(variant, math.nan),
                 "(step + OR term) / step": added.get(variant, math.nan),
             })
-    columns = ["measurement", "variant", "step_s", "step / none (median)", "OR term alone (s)", "(step + OR term) / step"]
+    columns = ["measurement", "variant", "step_s", "step / none (median)", "OR term alone (s)",
+               "(step + OR term) / step"]
     return pd.DataFrame(rows, columns=columns).set_index(["measurement", "variant"])
 
 

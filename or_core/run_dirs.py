@@ -118,7 +118,8 @@ def run_dirs_table(runs: Sequence[RunDir]) -> pd.DataFrame:
             "device": summary.get("device", "-"),
             "compile": compile_mode(run.config.get("compile")) or "no",
             "images/s": statistics.median(later) if later else float("nan"),
-            "probe effective rank": run.history[-1].get("effective_rank", float("nan")) if run.history else float("nan"),
+            "probe effective rank": (run.history[-1].get("effective_rank", float("nan")) if run.history
+                                     else float("nan")),
             "knn_top1": summary.get("knn_top1", float("nan")),
             "linear_top1": summary.get("linear_top1", float("nan")),
             "effective_rank": summary.get("effective_rank", float("nan")),

@@ -137,7 +137,8 @@ def run_sweep(
         start = time.perf_counter()
         initial = build_run(first)
         summary = evaluate_run(initial, history=[], wall=0.0)
-        runs[UNTRAINED] = SweepRun(first, None, summary, [], time.perf_counter() - start, initial if keep_runs else None)
+        runs[UNTRAINED] = SweepRun(first, None, summary, [], time.perf_counter() - start,
+                                   initial if keep_runs else None)
     temporary = tempfile.TemporaryDirectory(prefix="or_core_sweep-") if runs_dir is None else None
     root = Path(temporary.name if temporary else runs_dir)
     try:

@@ -108,7 +108,9 @@ def _probe_batch_stats(run: Run, probe: torch.Tensor, when: str = "") -> dict[st
     return {"effective_rank": effective_rank(feats), "std_of_l2_normalized": std_of_l2_normalized(feats).item()}
 
 
-def training_step(run: Run, images: torch.Tensor, progress: float, augment_rng: torch.Generator) -> dict[str, torch.Tensor]:
+def training_step(
+    run: Run, images: torch.Tensor, progress: float, augment_rng: torch.Generator
+) -> dict[str, torch.Tensor]:
     """One optimization step on a uint8 batch: augment (:func:`step_views`), then
     :func:`optimization_step`."""
     return optimization_step(run, next(step_views(run, [images], augment_rng)), progress)
@@ -222,11 +224,15 @@ def _pretrain(
             if summary is not None:
                 return summary
         if main:
-            where = f"epoch {epoch} of {cfg.epochs} (step {step})" if epoch < cfg.epochs else "its final checkpoint (evaluation)"
+            where = (f"epoch {epoch} of {cfg.epochs} (step {step})" if epoch < cfg.epochs
+                     else "its final checkpoint (evaluation)")
             print(f"resuming {out} from {where}", file=sys.stderr, flush=True)
     # the fixed test batch whose statistics metrics.jsonl records every epoch
-    probe = load_split_at_most(cfg.dataset, "test", Path(os.path.expanduser(cfg.data_root)), cfg.image_size, 512, cfg.seed).images
-    bar = progress_bar(total=cfg.epochs * run.steps_per_epoch, initial=step, enabled=show_progress and main, desc=f"{cfg.method}+{cfg.regularizer}")
+    probe = load_split_at_most(
+        cfg.dataset, "test", Path(os.path.expanduser(cfg.data_root)), cfg.image_size, 512, cfg.seed
+    ).images
+    bar = progress_bar(total=cfg.epochs * run.steps_per_epoch, initial=step, enabled=show_progress and main,
+                       desc=f"{cfg.method}+{cfg.regularizer}")
     epochs_this_call = 0
     try:
         while epoch < cfg.epochs:

@@ -246,7 +246,8 @@ def transfer(
     train_feats, train_labels = _features(encoder, train_set, torch_device, num_workers)
     test_feats, test_labels = _features(encoder, test_set, torch_device, num_workers)
     num_classes = max(num_classes, int(train_labels.max()) + 1)
-    probe = linear_probe_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, epochs=epochs, seed=seed)
+    probe = linear_probe_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, epochs=epochs,
+                                  seed=seed)
     cfg = encoder.cfg
     record = {
         "transfer_dataset": spec.name,
