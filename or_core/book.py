@@ -359,6 +359,43 @@ def write_intro(book_dir: Path = BOOK_DIR, results: Path = REPO_ROOT / "results"
     return path
 
 
+def _method_citation(cls: type) -> tuple[str, str]:
+    """``(citation, url)`` of a method from its module's docstring, which opens with
+    ``Name: Authors, "Title" (Venue Year), https://...``: the text up to the first parenthesis
+    that ends in a year, and the first URL."""
+    first = " ".join((sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0].split())
+    cited = re.match(r".*?\([^()]*\d{4}\)", first)
+    url = re.search(r"https?://[^\s,;]+", first)
+    return (cited.group(0) if cited else first).rstrip("."), (url.group(0).rstrip(".") if url else "")
+
+
+def write_library_page(book_dir: Path = BOOK_DIR) -> list[Path]:
+    """The tables of the book's library page, made from the code so that they cannot go stale:
+    ``<book>/generated/methods.md`` (every registered method: its ``--method`` name, paper and
+    the recipe its defaults come from) and ``<book>/generated/transfer_sets.md`` (the
+    ``--dataset`` names of ``python -m or_core transfer`` with the files a local copy needs)."""
+    from or_core.methods import discover_methods
+    from or_core.transfer import TRANSFER_SETS
+
+    generated = book_dir / GENERATED_SUBDIR
+    generated.mkdir(parents=True, exist_ok=True)
+    rows = ["| `--method` | method and paper | defaults from |", "|---|---|---|"]
+    for name, cls in sorted(discover_methods().items()):
+        citation, url = _method_citation(cls)
+        paper = f"[{citation}]({url})" if url else citation
+        rows.append(f"| `{name}` | {paper.replace('|', '/')} | {cls.default_optimizer.source} |")
+    methods = generated / "methods.md"
+    methods.write_text("\n".join(rows) + "\n")
+    sets = ["| `--dataset` | training split | evaluated on | a local copy under `--data-root` |", "|---|---|---|---|"]
+    for name, entry in TRANSFER_SETS.items():
+        parts = re.split(r"(,? and |, | or )", entry.layout)  # file patterns, and the words between them
+        files = "".join(part if i % 2 else f"`{part}`" for i, part in enumerate(parts))
+        sets.append(f"| `{name}` | {' + '.join(entry.train_splits)} | {entry.test_split} | {files} |")
+    transfer = generated / "transfer_sets.md"
+    transfer.write_text("\n".join(sets) + "\n")
+    return [methods, transfer]
+
+
 def _write_costs(generated: Path, results: Path) -> Path:
     """``<book>/generated/cost.md``, the reproduce page's cost table, from the measured run
     directories of ``results/gpu_runs`` (:mod:`or_core.costs`)."""
@@ -480,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not list(executed_dir.glob("*.ipynb")):
                 raise BookError(f"no executed notebooks in {executed_dir}: run without --skip-execute")
             write_intro(book_dir)
+            write_library_page(book_dir)
             timings["jupyter-book build"] = build_book(book_dir)
     except BookError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -210,7 +210,7 @@ def _parse(page: Path) -> _Links:
 
 def test_book_pages_exist(built_book: Path) -> None:
     html = built_book / "_build" / "html"
-    for page in ("index.html", "intro.html", "reproduce.html", "bibliography.html"):
+    for page in ("index.html", "intro.html", "reproduce.html", "library.html", "bibliography.html"):
         assert (html / page).is_file(), page
     for source in SOURCES:
         assert (html / "notebooks" / f"{source.stem}.html").is_file(), source.name
@@ -635,3 +635,33 @@ def test_the_readme_figure_is_not_rewritten_when_its_pixels_are_the_same(plots, 
     assert plots.save_if_changed(fig, path) is False and path.stat().st_mtime_ns == written
     other = plots.plot_spectra({"BYOL": torch.linspace(1, 0.5, 16)}, "t")
     assert plots.save_if_changed(other, path) is True
+
+
+def test_the_library_page_lists_every_method_and_transfer_set(built_book: Path) -> None:
+    from or_core.methods import discover_methods
+    from or_core.transfer import TRANSFER_SETS
+
+    text = (built_book / "_build" / "html" / "library.html").read_text(encoding="utf-8")
+    for name in [*discover_methods(), *TRANSFER_SETS, "OrthogonalityCallback"]:
+        assert f">{name}<" in text or f"{name}(" in text, name
+
+
+def test_the_library_tables_come_from_the_registry(tmp_path: Path) -> None:
+    """One row per registered method, each with its paper (linked where its module cites a URL)
+    and the recipe file of its defaults; one row per transfer set with its splits."""
+    from or_core import book
+    from or_core.methods import discover_methods
+    from or_core.transfer import TRANSFER_SETS
+
+    methods, transfer = book.write_library_page(tmp_path)
+    rows = [line for line in methods.read_text().splitlines()[2:]]
+    registry = discover_methods()
+    assert [row.split("|")[1].strip() for row in rows] == [f"`{name}`" for name in sorted(registry)]
+    for row, (name, cls) in zip(rows, sorted(registry.items())):
+        assert cls.default_optimizer.source in row
+        if name != "byol_whitening":  # the paper's own baseline: no separate publication
+            assert "](https://arxiv.org/abs/" in row and re.search(r"\(\w*[ ]?\d{4}\)\]", row), row
+    assert "[BYOL: Grill et al., \"Bootstrap Your Own Latent" in methods.read_text()
+    sets = transfer.read_text().splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in sets] == [f"`{name}`" for name in TRANSFER_SETS]
+    assert "| `flowers102` | train + val | test |" in transfer.read_text()

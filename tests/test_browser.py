@@ -52,6 +52,7 @@ PAGES = {
     "index.html": "intro.html",
     "intro.html": "intro.html",
     "reproduce.html": "reproduce.html",
+    "library.html": "library.html",
     "bibliography.html": "bibliography.html",
     **{f"notebooks/{source.stem}.html": f"notebooks/{source.stem}.html" for source in SOURCES},
 }

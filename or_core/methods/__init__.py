@@ -24,8 +24,9 @@ and where the defaults do not fit:
   views; :mod:`or_core.methods.view_recipes` has lightly's other recipes and their pieces),
   with ``multi_crop = True`` if it takes local crops after the global views;
 * ``profile_settings``, config fields by profile (``{"cpu": {"lr": 0.05}}``);
-* ``base_momentum``/``final_momentum`` and :meth:`SSLMethod.momentum_pairs` for EMA targets,
-  :meth:`SSLMethod.on_after_backward` to drop gradients;
+* :meth:`SSLMethod.add_ema_targets` in ``__init__`` for EMA copies of the backbone and the
+  projection head (:meth:`SSLMethod.ema_projection` runs them), :meth:`SSLMethod.on_after_backward`
+  to drop gradients;
 * ``aliases``, other names :func:`or_core.augment.method_views` accepts.
 
 :func:`discover_methods` imports every module of this package when it is first imported and
