@@ -149,7 +149,8 @@ _RUN_KEYS = ["scale", "method", "dataset", "regularizer", "seed"]
 METHOD_LABELS = {
     "barlowtwins": "Barlow Twins", "byol": "BYOL", "byol_whitening": "BYOL + whitening", "dino": "DINO",
     "mocov2": "MoCo v2", "nnclr": "NNCLR", "simclr": "SimCLR", "simsiam": "SimSiam", "swav": "SwaV",
-    "vicreg": "VICReg",
+    "vicreg": "VICReg", "mocov3": "MoCo v3", "nnbyol": "NNBYOL", "nnsiam": "NNSiam", "ressl": "ReSSL",
+    "wmse": "W-MSE", "vibcreg": "VIbCReg", "all4one": "All4One", "deepclusterv2": "DeepCluster V2",
 }
 
 
@@ -1348,3 +1349,48 @@ def overhead_times(benchmark: Mapping[str, Any], measurement: int = 0) -> tuple[
     times = {variant: [seconds] for variant, seconds in (run.get("or_only_s") or {}).items()}
     scale = textwrap.fill(str(benchmark.get("scale", "unknown scale")), 60)
     return times, f"OR term alone, per step: {run.get('label', 'no data yet')}\n[{scale}]"
+
+
+# ----------------------------------------------------------------------------------------------
+# Every method at one profile, against raw pixels and the untrained encoder
+# ----------------------------------------------------------------------------------------------
+#: The untrained encoder's kNN of the cpu profile's CIFAR-10 records made before each record
+#: carried its own ``untrained_knn_top1`` (``results/cpu_profile/untrained_reference.py``).
+UNTRAINED_REFERENCE = Path(__file__).resolve().parents[1] / "results" / "cpu_profile" / "untrained_encoder_cifar10.json"
+
+
+def untrained_knn_by_seed(path: str | Path = UNTRAINED_REFERENCE) -> dict[int, float]:
+    """``{seed: kNN top-1 of the untrained encoder}`` of a reference record ({} without one)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    return {int(row["seed"]): float(row["untrained_knn_top1"]) for row in load_records(path.parent, path.name)[0]["rows"]}
+
+
+def methods_at_profile(records: Sequence[Mapping[str, Any]], untrained: Mapping[int, float] | None = None) -> pd.DataFrame:
+    """One row per record of a method trained once without OR: its kNN and linear top-1, kNN on
+    raw pixels and on the same encoder untrained (the record's ``untrained_knn_top1``, else
+    ``untrained[seed]``) on the same images, and its training minutes; best kNN first."""
+    untrained = untrained_knn_by_seed() if untrained is None else untrained
+    rows = []
+    for record in records:
+        s = record["summary"]
+        rows.append({
+            "method": method_label(record["config"]["method"]),
+            "kNN top-1": s["knn_top1"], "linear top-1": s["linear_top1"],
+            "raw pixels kNN": s.get("raw_pixels_knn_top1", math.nan),
+            "untrained kNN": s.get("untrained_knn_top1") or untrained.get(int(s["seed"]), math.nan),
+            "training minutes": s["wall_time_s"] / 60,
+        })
+    columns = ["method", "kNN top-1", "linear top-1", "raw pixels kNN", "untrained kNN", "training minutes"]
+    return pd.DataFrame(rows, columns=columns).sort_values("kNN top-1", ascending=False, kind="stable")
+
+
+def methods_at_profile_markdown(table: pd.DataFrame) -> str:
+    """:func:`methods_at_profile` as the README's Markdown table: accuracies to 3 places, whole
+    minutes."""
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    for _, row in table.iterrows():
+        cells = [row["method"], *(f"{row[c]:.3f}" for c in table.columns[1:5]), f"{row['training minutes']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

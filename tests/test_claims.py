@@ -330,27 +330,23 @@ def test_the_committed_claims_summary_is_the_records_one() -> None:
 PAIRED_RESULTS = REPO / "results" / "matrix_cpu_paired"
 
 
-def test_every_method_at_the_cpu_profile_beats_raw_pixels_and_the_readme_quotes_it() -> None:
-    """Issue 17, item 1: each recorded method of group ``methods`` of
+def test_every_method_at_the_cpu_profile_beats_raw_pixels_and_its_untrained_encoder() -> None:
+    """Issues 17 (item 1) and 19 (item 1): each recorded method of group ``methods`` of
     ``configs/matrix_cpu_paired.yaml`` (the cpu profile, no OR, seed 0) ends above kNN on raw
-    32x32 pixels computed on the same evaluation images (each record's ``raw_pixels_knn_top1``),
-    and the README's table gives each record's numbers (rounded to 3 places)."""
+    32x32 pixels and above kNN on the same encoder untrained, both computed on the same
+    evaluation images, and the README's table is the one those records give."""
+    from or_core import report
+
     records = [r for r in (load_records(PAIRED_RESULTS) if PAIRED_RESULTS.is_dir() else [])
                if "methods" in r["groups"]]
     if not records:
         pytest.skip(f"no cpu-profile records in {PAIRED_RESULTS} yet")
-    below = [(r["name"], r["summary"]["knn_top1"], r["summary"]["raw_pixels_knn_top1"]) for r in records
-             if r["summary"]["knn_top1"] <= r["summary"]["raw_pixels_knn_top1"]]
-    assert not below, f"(run, kNN, raw pixels): {below}"
-    readme = (REPO / "README.md").read_text()
-    table = readme.split("| method | kNN top-1 | linear top-1 | raw pixels kNN |", 1)[1].split("\n\n", 1)[0]
-    rows = {cells[0]: cells[1:4] for cells in
-            ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:] if line.startswith("|"))}
-    labels = {r["config"]["method"]: r for r in records}
-    from or_core.report import METHOD_LABELS
-
-    assert set(rows) == {METHOD_LABELS.get(m, m) for m in labels}, rows
-    for method, record in labels.items():
-        s = record["summary"]
-        quoted = [float(v) for v in rows[METHOD_LABELS.get(method, method)]]
-        assert quoted == pytest.approx([s["knn_top1"], s["linear_top1"], s["raw_pixels_knn_top1"]], abs=5.1e-4), method
+    table = report.methods_at_profile(records)
+    assert table.notna().all().all(), table  # every record has both references
+    below = table[(table["kNN top-1"] <= table["raw pixels kNN"]) | (table["kNN top-1"] <= table["untrained kNN"])]
+    assert below.empty, below
+    # the references are the same images' for every method of one seed
+    assert table["raw pixels kNN"].nunique() == 1 and table["untrained kNN"].nunique() == 1
+    own = [r["summary"]["untrained_knn_top1"] for r in records if r["summary"].get("untrained_knn_top1") is not None]
+    assert all(v == pytest.approx(report.untrained_knn_by_seed()[0], abs=1e-3) for v in own), own
+    assert report.methods_at_profile_markdown(table) in (REPO / "README.md").read_text()
