@@ -1,4 +1,4 @@
-"""Encoders: ResNet-18/50 and ViT-tiny/small from torchvision, classifier removed.
+"""Encoders: ResNet-18/50 and ViT-tiny/small/base from torchvision, classifier removed.
 
 :func:`build_backbone` returns ``(encoder, feature_dim)``; the encoder maps images
 ``(N, 3, H, W)`` to features ``(N, feature_dim)``.
