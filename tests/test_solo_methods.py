@@ -323,7 +323,14 @@ def test_deepclusterv2_classifies_into_fixed_prototypes_and_reclusters_its_memor
     assert all(p.grad is None and not p.requires_grad for p in method.prototypes)
     assert int(method.pushed) == BATCH
     assert all(torch.equal(p, q) for p, q in zip(method.prototypes, prototypes))
-    method.training_loss(make_views(method, images, seed=1), 0.1)  # the memory is now renewed
+    method.on_train_step_end(0.0)  # half the memory renewed: nothing to do yet
+    assert int(method.pushed) == BATCH
+    # the memory is now renewed; the step's backward still works in float32 (the prototypes its
+    # scores used are untouched until the step ends), then the method re-clusters
+    method.training_loss(make_views(method, images, seed=1), 0.1)["loss"].backward()
+    assert int(method.pushed) == 2 * BATCH
+    assert all(torch.equal(p, q) for p, q in zip(method.prototypes, prototypes))
+    method.on_train_step_end(0.1)
     assert int(method.pushed) == 0
     for h, p in enumerate(method.prototypes):  # centroids of memory h mod 2 (unit rows)
         assert not torch.equal(p, prototypes[h])

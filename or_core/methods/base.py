@@ -17,7 +17,7 @@ One training step, as the training loop drives it::
     method.on_after_backward(progress)            # e.g. DINO freezes its last layer early on
     schedule_weight_decay(optimizer, progress)    # the recipe's weight_decay_end (DINO's ViT)
     optimizer.step()
-    method.on_train_step_end(progress)            # a no-op for the methods here
+    method.on_train_step_end(progress)            # DeepCluster V2 re-clusters here
 
 ``progress`` is the fraction of training done, in ``[0, 1]`` (``step / total_steps``); EMA
 momentum and temperature schedules are functions of it. ``method(views, progress)`` is the

@@ -191,15 +191,20 @@ class DeepClusterV2(SSLMethod):
 
     @torch.no_grad()
     def _remember(self, projections: list[Tensor]) -> None:
-        """Push the projections; re-cluster once ``memory_size`` new ones have entered.
+        """Push the projections and count them (:meth:`on_train_step_end` re-clusters).
 
         Under DDP each process keeps its own memories (``memory_size`` each) and counts its own
         pushes: all processes cluster at the same step, together."""
         for memory, zi in zip(self.memories, projections):
-            # the enqueue alone: the module's forward would also copy the whole bank
-            memory._dequeue_and_enqueue(zi)
-        count = read_counter(self, "pushed") + projections[0].shape[0]
-        if count >= self.memory_size:
+            memory(zi, update=True)  # lightly's public call: enqueues (and returns a copy of the bank)
+        write_counter(self, "pushed", read_counter(self, "pushed") + projections[0].shape[0])
+
+    @torch.no_grad()
+    def on_train_step_end(self, progress: float) -> None:
+        """Re-cluster once ``memory_size`` new projections have entered. After the step, not in
+        the loss: the step's backward still needs the prototypes its scores were computed with,
+        and overwriting them in place before it fails autograd's version check (in float32; a
+        bfloat16 loss worked on a copy)."""
+        if read_counter(self, "pushed") >= self.memory_size:
             self.cluster()
-            count = 0
-        write_counter(self, "pushed", count)
+            write_counter(self, "pushed", 0)
