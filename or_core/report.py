@@ -161,6 +161,11 @@ def method_label(method: str) -> str:
 
 _LABELS = {"none": "none", "so": "SO", "srip": "SRIP"}
 _DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+
+def _dataset_label(dataset: str) -> str:
+    """The book's name of a data set: ``"cifar10"`` -> ``"CIFAR-10"``; others as they are."""
+    return _DATASET_LABELS.get(dataset, dataset)
 _METRIC_NAMES = {
     "val_knn_top1": "validation kNN top-1 (held-out training images)",
     "knn_top1": "test kNN top-1",
@@ -803,7 +808,8 @@ def _or_pairs(frame: pd.DataFrame, column: str, regularizers: Sequence[str], sig
     """Runs with OR against the run without OR of the same method, data set and seed (every
     seed): one comparison per (method, data set, regularizer)."""
     table = paired_differences(frame, column, regularizers, seed=None, dropna=False)
-    label = table["method"] + " / " + table["dataset"] + " / " + table["regularizer"].map(lambda r: _LABELS.get(r, r))
+    label = (table["method"].map(method_label) + " / " + table["dataset"].map(_dataset_label) + " / "
+             + table["regularizer"].map(lambda r: _LABELS.get(r, r)))
     return _pairs(table, label, sign * table["delta"]) if len(table) else pd.DataFrame(columns=_PAIR_COLUMNS)
 
 
@@ -826,8 +832,9 @@ def _method_pairs(frame: pd.DataFrame, column: str, first: tuple[str, str], seco
     table = part(*first).merge(part(*second), on=keys, suffixes=("", "_other"))
     if table.empty:
         return pd.DataFrame(columns=_PAIR_COLUMNS)
-    names = [f"{m}{' + ' + _LABELS.get(r, r) if r != 'none' else ''}" for m, r in (first, second)]
-    label = f"{what}{names[0]} - {names[1]} / " + table["dataset"]
+    names = [method_label(m) + (f" + {_LABELS.get(r, r)}" if r != "none" else "") for m, r in (first, second)]
+    names = [f"({n})" if " + " in n else n for n in names]  # (BYOL + SO) - (BYOL + whitening)
+    label = f"{what}{names[0]} - {names[1]} / " + table["dataset"].map(_dataset_label)
     return _pairs(table, label, table[column].astype(float) - table[f"{column}_other"].astype(float))
 
 
@@ -860,10 +867,10 @@ def _transfer_pairs(records: Sequence[Mapping[str, Any]], metric: str = "linear_
     pairs = table[table["regularizer"] != "none"].merge(base, on=keys, how="left", suffixes=("", "_none"))
     gammas = {(r.get("scale"), r.get("name")): (r.get("summary") or {}).get("gamma") for r in records}
     pairs["gamma"] = [gammas.get((s, n)) for s, n in zip(pairs["scale"], pairs["name"])]
-    label = (pairs["method"] + " / " + pairs["pretrained on"] + " / "
+    label = (pairs["method"].map(method_label) + " / " + pairs["pretrained on"].map(_dataset_label) + " / "
              + pairs["regularizer"].map(lambda r: _LABELS.get(r, r)))
     return _pairs(pairs, label, pairs[metric].astype(float) - pairs[f"{metric}_none"].astype(float),
-                  suffix=" -> " + pairs["target"])
+                  suffix=" -> " + pairs["target"].map(_dataset_label))
 
 
 def claims(frame: pd.DataFrame, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -949,7 +956,7 @@ def claim_lines(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _with_interval(row: pd.Series) -> str:
-    """``"byol / cifar10 / SO (gamma 1e-5): +0.0083, 95% CI [-0.012, +0.029], 3 seeds"``."""
+    """``"BYOL / CIFAR-10 / SO (gamma 1e-5): +0.0083, 95% CI [-0.012, +0.029], 3 seeds"``."""
     return f"{row['comparison']}: {_signed(row['effect'])}, 95% CI {row['95% CI']}, {row['seeds']} seeds"
 
 

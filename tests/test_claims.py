@@ -268,7 +268,9 @@ def test_claim_verdicts_are_those_the_records_support(claim: str) -> None:
     found = {}
     for _, row in comparisons.iterrows():
         method, dataset, label = row["comparison"].split(" (gamma")[0].split(" / ")
-        found[(method, dataset, label.lower())] = (row["seeds"], row["effect"], row["verdict"])
+        names = {report.method_label(m): m for m in {k[0] for k in expected}}  # "BYOL" -> "byol"
+        datasets = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100"}
+        found[(names[method], datasets.get(dataset, dataset), label.lower())] = (row["seeds"], row["effect"], row["verdict"])
     assert set(found) == set(expected)
     for key, (n, mean, verdict) in expected.items():
         assert found[key][0] == n and found[key][2] == verdict, key
@@ -294,7 +296,7 @@ def test_byol_cifar10_so_verdicts_over_its_three_seeds() -> None:
     pinned = {"accuracy_so": "no detectable effect", "accuracy_knn": "no detectable effect",
               "seeds": "no detectable effect", "orthogonality": "supported", "weights": "no detectable effect",
               "hidden": "no detectable effect", "representation": "no detectable effect"}
-    comparison = "byol / cifar10 / SO (gamma 1e-5)"
+    comparison = "BYOL / CIFAR-10 / SO (gamma 1e-5)"
     for claim, verdict in pinned.items():
         row = table.loc[[claim]].set_index("comparison").loc[comparison]
         assert (row["seeds"], row["verdict"]) == (3, verdict), claim
@@ -312,7 +314,7 @@ def test_every_other_comparison_has_one_seed_and_no_verdict() -> None:
     table = _claims_table()
     comparisons = table[table["comparison"] != report.ALL_COMPARISONS]
     several = comparisons[comparisons["seeds"] >= 2]
-    assert set(several["comparison"]) <= {"byol / cifar10 / SO (gamma 1e-5)"}
+    assert set(several["comparison"]) <= {"BYOL / CIFAR-10 / SO (gamma 1e-5)"}
     assert set(comparisons[comparisons["seeds"] < 2]["verdict"]) <= {"too few seeds"}
     for claim in ("accuracy_srip", "whitening_representation", "whitening_inside", "transfer"):
         line = table.loc[[claim]].set_index("comparison").loc[report.ALL_COMPARISONS, "verdict"]

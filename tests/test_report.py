@@ -213,7 +213,7 @@ def test_transfer_claim_pairs_probes_by_seed_and_never_across_seeds() -> None:
     ]
     table = report.claims(report.records_frame(records), records).loc["transfer"]
     row = table.iloc[0]
-    assert row["comparison"] == "byol / cifar10 / SO (gamma 1e-6) -> cifar100"
+    assert row["comparison"] == "BYOL / CIFAR-10 / SO (gamma 1e-6) -> CIFAR-100"
     # two pairs: mean 0.045, sd 0.03 / sqrt(2), half width t_{0.975,1} * sd / sqrt(2) = 12.706 * 0.015
     half = math.tan(math.pi * 0.475) * 0.015
     assert (row["seeds"], row["verdict"]) == (2, report.NO_EFFECT)
@@ -253,30 +253,30 @@ def test_claims_are_computed_per_comparison_from_the_records(frame: pd.DataFrame
     table = report.claims(frame, records)
     assert list(table.columns[:6]) == list(report.CLAIM_COLUMNS)
     so = _rows(table, "accuracy_so")  # linear top-1: byol/10 seeds +0.02, 0, 0; byol/100 +0.02; simclr/10 +0.02
-    byol = so["byol / cifar10 / SO (gamma 1e-6)"]
+    byol = so["BYOL / CIFAR-10 / SO (gamma 1e-6)"]
     sd = float(np.std([0.02, 0.0, 0.0], ddof=1))
     assert byol["seeds"] == 3 and byol["effect"] == pytest.approx(0.02 / 3)
     assert (byol["ci_low"], byol["ci_high"]) == pytest.approx((0.02 / 3 - T2 * sd / math.sqrt(3), 0.02 / 3 + T2 * sd / math.sqrt(3)))
     assert byol["verdict"] == report.NO_EFFECT and byol["differences"] == "s0: +0.02; s1: +0; s2: +0"
     assert byol["95% CI"] == f"[{byol['ci_low']:+.4g}, {byol['ci_high']:+.4g}]"
-    for name in ("byol / cifar100 / SO (gamma 1e-6)", "simclr / cifar10 / SO (gamma 1e-6)"):
+    for name in ("BYOL / CIFAR-100 / SO (gamma 1e-6)", "SimCLR / CIFAR-10 / SO (gamma 1e-6)"):
         assert (so[name]["seeds"], so[name]["verdict"], so[name]["95% CI"]) == (1, report.TOO_FEW, "-")
         assert so[name]["effect"] == pytest.approx(0.02)
     assert so[report.ALL_COMPARISONS]["verdict"] == (
         "of 1 comparison with >= 2 seeds: supported in 0, no detectable effect in 1, contradicted in 0; "
         "2 comparisons with too few seeds")
     seeds = _rows(table, "seeds")  # kNN top-1 per seed: +0.03, -0.01, +0.04
-    assert seeds["byol / cifar10 / SO (gamma 1e-6)"]["verdict"] == report.NO_EFFECT
-    assert seeds["byol / cifar10 / SO (gamma 1e-6)"]["effect"] == pytest.approx(0.02)
+    assert seeds["BYOL / CIFAR-10 / SO (gamma 1e-6)"]["verdict"] == report.NO_EFFECT
+    assert seeds["BYOL / CIFAR-10 / SO (gamma 1e-6)"]["effect"] == pytest.approx(0.02)
     srip = _rows(table, "accuracy_srip")  # one seed each: no verdict
     assert {r["verdict"] for c, r in srip.items() if c != report.ALL_COMPARISONS} == {report.TOO_FEW}
     assert srip[report.ALL_COMPARISONS]["verdict"] == "no comparison with >= 2 seeds; 2 comparisons with too few seeds"
     # ||G||^2 fell by 60 on seed 0 and stayed at 100 on seeds 1 and 2: the interval holds 0
-    assert _rows(table, "orthogonality")["byol / cifar10 / SO (gamma 1e-6)"]["effect"] == pytest.approx(20.0)
-    assert _rows(table, "whitening_representation")["byol_whitening - byol / cifar10"]["effect"] == pytest.approx(4.0)
+    assert _rows(table, "orthogonality")["BYOL / CIFAR-10 / SO (gamma 1e-6)"]["effect"] == pytest.approx(20.0)
+    assert _rows(table, "whitening_representation")["(BYOL + whitening) - BYOL / CIFAR-10"]["effect"] == pytest.approx(4.0)
     inside = _rows(table, "whitening_inside")
-    assert set(inside) == {"weight flatness: byol + SO - byol_whitening / cifar10",
-                           "hidden-feature flatness: byol + SO - byol_whitening / cifar10", report.ALL_COMPARISONS}
+    assert set(inside) == {"weight flatness: (BYOL + SO) - (BYOL + whitening) / CIFAR-10",
+                           "hidden-feature flatness: (BYOL + SO) - (BYOL + whitening) / CIFAR-10", report.ALL_COMPARISONS}
     lines = report.claim_lines(table)
     assert lines.loc["accuracy_so", ["comparisons", report.NO_EFFECT, report.TOO_FEW]].tolist() == [3, 1, 2]
     view = report.claims_view(table)
@@ -294,7 +294,7 @@ def test_claims_with_several_seeds_can_be_supported_or_contradicted() -> None:
                     _record(method="simclr", dataset="cifar100", regularizer="so", gamma=1e-6, seed=seed, linear=0.3 - delta)]
     table = report.claims(report.records_frame(records), records)
     so = _rows(table, "accuracy_so")
-    up, down = so["simclr / cifar10 / SO (gamma 1e-6)"], so["simclr / cifar100 / SO (gamma 1e-6)"]
+    up, down = so["SimCLR / CIFAR-10 / SO (gamma 1e-6)"], so["SimCLR / CIFAR-100 / SO (gamma 1e-6)"]
     half = T2 * 0.005 / math.sqrt(3)  # sd of (0.02, 0.03, 0.025) is 0.005
     assert (up["verdict"], up["seeds"]) == (report.SUPPORTED, 3)
     assert (up["ci_low"], up["ci_high"]) == pytest.approx((0.025 - half, 0.025 + half), rel=1e-6)
@@ -303,8 +303,8 @@ def test_claims_with_several_seeds_can_be_supported_or_contradicted() -> None:
         "of 2 comparisons with >= 2 seeds: supported in 1, no detectable effect in 0, contradicted in 1")
     text = report.claims_summary(table)
     lines = {line.split("**")[1]: line for line in text.splitlines() if line.startswith("* **")}
-    assert "simclr / cifar10 / SO (gamma 1e-6): +0.025, 95% CI [" in lines["Supported"]
-    assert "simclr / cifar100 / SO (gamma 1e-6): -0.025" in lines["Contradicted"]
+    assert "SimCLR / CIFAR-10 / SO (gamma 1e-6): +0.025, 95% CI [" in lines["Supported"]
+    assert "SimCLR / CIFAR-100 / SO (gamma 1e-6): -0.025" in lines["Contradicted"]
 
 
 def test_hidden_features_leave_out_the_last_stage_which_is_the_representation() -> None:
@@ -321,10 +321,10 @@ def test_hidden_features_leave_out_the_last_stage_which_is_the_representation() 
     for r in pair:
         r["collapse"]["hidden"] = {"layer4": r["collapse"]["representation"]}  # the last stage only
     table = report.claims(report.records_frame(pair), pair)
-    hidden = _rows(table, "hidden")["byol / cifar10 / SO (gamma 1e-6)"]
+    hidden = _rows(table, "hidden")["BYOL / CIFAR-10 / SO (gamma 1e-6)"]
     assert (hidden["verdict"], hidden["seeds"], hidden["differences"]) == (report.NOT_MEASURED, 0, "s0: not measured")
     assert "1 comparison not measured" in _rows(table, "hidden")[report.ALL_COMPARISONS]["verdict"]
-    assert _rows(table, "representation")["byol / cifar10 / SO (gamma 1e-6)"]["verdict"] == report.TOO_FEW
+    assert _rows(table, "representation")["BYOL / CIFAR-10 / SO (gamma 1e-6)"]["verdict"] == report.TOO_FEW
     assert "**Not measured**" in report.claims_summary(table)
 
 
@@ -444,8 +444,8 @@ def test_claims_summary_states_each_verdict_with_its_intervals(frame: pd.DataFra
     text = report.claims_summary(table)
     lines = {line.split("**")[1]: line for line in text.splitlines() if line.startswith("* **")}
     assert set(lines) == {"No detectable effect", "Too few seeds"}  # only BYOL/CIFAR-10/SO has several seeds
-    byol = table.loc["accuracy_so"].set_index("comparison").loc["byol / cifar10 / SO (gamma 1e-6)"]
-    assert (f"OR (SO) improves linear accuracy across methods and data sets (byol / cifar10 / SO (gamma 1e-6): "
+    byol = table.loc["accuracy_so"].set_index("comparison").loc["BYOL / CIFAR-10 / SO (gamma 1e-6)"]
+    assert (f"OR (SO) improves linear accuracy across methods and data sets (BYOL / CIFAR-10 / SO (gamma 1e-6): "
             f"+0.006667, 95% CI {byol['95% CI']}, 3 seeds; 2 other comparisons with too few seeds)") in lines["No detectable effect"]
     assert "OR (SRIP) improves linear accuracy across methods and data sets (2 comparisons)" in lines["Too few seeds"]
     overview = report.claim_lines(table)
@@ -491,11 +491,11 @@ print(json.dumps({"records": len(recs), "rows": [len(t) for t in tables], "befor
 
 def test_claims_markdown_names_the_scale_only_when_the_rows_have_several() -> None:
     columns = ["claim", "scale", "comparison", "effect", "95% CI", "seeds", "verdict", "comparisons"]
-    row = ["OR works", "cpu-small", "byol / cifar10 / SO", 0.01, "[-0.01, +0.03]", 3, "no detectable effect", "1 of 2"]
+    row = ["OR works", "cpu-small", "BYOL / CIFAR-10 / SO", 0.01, "[-0.01, +0.03]", 3, "no detectable effect", "1 of 2"]
     one = pd.DataFrame([row], columns=columns, index=["so_linear"])
     header = report.claims_markdown(one, sections={}).splitlines()[0]
     assert "scale" not in header and header.count("|") == 8
-    assert "byol / cifar10 / SO (1 of 2 comparisons with >= 2 seeds)" in report.claims_markdown(one, sections={})
+    assert "BYOL / CIFAR-10 / SO (1 of 2 comparisons with >= 2 seeds)" in report.claims_markdown(one, sections={})
     two = pd.concat([one, pd.DataFrame([[*row[:1], "paper-scale", *row[2:]]], columns=columns, index=["so_knn"])])
     lines = report.claims_markdown(two, sections={}).splitlines()
     assert lines[0].split("|")[2].strip() == "scale" and "| paper-scale |" in lines[3]
