@@ -61,13 +61,30 @@ def versions() -> dict[str, str]:
     }
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the vector instructions torch's CPU kernels use (``"AMD EPYC,
+    AVX512"``). The same code and seed give other floats on another CPU: a cpu-small run of
+    2026-11-25 is not reproduced bit for bit by its own commit on a machine that reports the same
+    system, architecture and cores, so records name the CPU too."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def provenance(command: str | Sequence[str] | None = None, wall_time_s: float | None = None) -> dict[str, Any]:
     """Where, when and with what something was made.
 
     Keys: ``git_commit``, ``git_dirty`` (:func:`git_dirty`), ``date_utc`` (ISO 8601, seconds),
-    ``machine`` (system, architecture, CPU cores), ``device`` (the first GPU, else the CPU
-    threads torch uses), ``python``, ``torch``, ``lightly`` (:func:`versions`), ``command``
-    (default: this process's command line) and ``wall_time_s`` (rounded to 0.1 s, or ``None``).
+    ``machine`` (system, architecture, CPU cores), ``cpu`` (:func:`cpu_description`),
+    ``device`` (the first GPU, else the CPU threads torch uses), ``python``, ``torch``,
+    ``lightly`` (:func:`versions`), ``command`` (default: this process's command line) and
+    ``wall_time_s`` (rounded to 0.1 s, or ``None``).
     """
     import torch
 
@@ -82,6 +99,7 @@ def provenance(command: str | Sequence[str] | None = None, wall_time_s: float | 
         "git_dirty": git_dirty(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores",
+        "cpu": cpu_description(),
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu, {torch.get_num_threads()} threads",
         "python": found["python"],
         "torch": found["torch"],

@@ -202,3 +202,15 @@ def test_results_folder_given_by_the_caller_is_relative_to_the_working_directory
     given = load_matrix(matrix_file, "../results/matrix_cpu").results
     assert given.resolve() == (repo / "results" / "matrix_cpu").resolve()
     assert load_matrix(matrix_file, tmp_path / "elsewhere").results == tmp_path / "elsewhere"
+
+
+def test_provenance_names_the_cpu_and_its_vector_instructions() -> None:
+    """Floats differ between CPUs (results/reproducibility/refactor_reruns.json): a record says
+    which one made it, model and the instruction set torch's kernels dispatch to."""
+    import torch
+
+    from or_core.provenance import cpu_description, provenance
+
+    cpu = provenance("test")["cpu"]
+    assert cpu == cpu_description() and cpu.endswith(", " + torch.backends.cpu.get_cpu_capability())
+    assert len(cpu) > len(", " + torch.backends.cpu.get_cpu_capability())  # a model name before it
