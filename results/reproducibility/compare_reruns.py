@@ -39,8 +39,18 @@ rows.append(compare("vicreg cpu_small (config of results/matrix_cpu/vicreg-cifar
 nov = json.loads(Path("/work/main/results/matrix_cpu/vicreg-cifar10-none-s0.json").read_text())
 rows.append(compare("results/matrix_cpu/vicreg-cifar10-none-s0.json", nov["summary"], nov["history"],
                     nov["provenance"]["git_commit"], R / "vicreg-cifar10-none-s0",
-                    "the committed cpu-small record of 2026-11-25 re-run: it differs from its first epoch, and so does "
-                    "the run of the same config at a170b55: the change is older than issue 16"))
+                    "the committed cpu-small record of 2026-11-25 re-run: it differs from its first epoch; so does the "
+                    "same config at a170b55 and at the record's own commit c528be09 on this machine (first-epoch "
+                    "losses in same_commit_here): the CPU differs, not the code"))
+bisect = {}
+for line in Path("/work/runs12/bisect.log").read_text().splitlines():
+    commit, loss = line.split()
+    bisect[commit] = float(loss)
+rows[-1]["same_commit_here"] = {"commit": "c528be0", "epoch_1_ssl_loss_here": bisect["c528be0"],
+                                "epoch_1_ssl_loss_recorded": nov["history"][0]["ssl_loss"],
+                                "first_epoch_losses_of_commits_between_c528be0_and_a170b55": bisect,
+                                "how": "python -m or_core pretrain --config <the record's config> --stop-after-epochs 1, "
+                                       "OMP_NUM_THREADS=1, at each commit"}
 nov = json.loads(Path("/work/main/results/matrix_cpu/simclr-cifar10-none-s0.json").read_text())
 rows.append(compare("results/matrix_cpu/simclr-cifar10-none-s0.json", nov["summary"], nov["history"],
                     nov["provenance"]["git_commit"], R / "simclr-cifar10-none-s0", "as above, SimCLR"))
