@@ -31,21 +31,37 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _checkout_state() -> tuple[str, bool]:
+    """``(commit, dirty)`` of the checkout now: ``HEAD`` (``"unknown"`` outside a git checkout),
+    and whether tracked files outside ``results/`` (which the runs themselves rewrite) differ
+    from it."""
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"))
+    return commit, dirty
+
+
+#: The checkout as this process loaded it. A record is written when its run ends, minutes or hours
+#: later; by then the checkout may be at another commit, while the code that ran is the one
+#: imported here (a record once named a commit checked out while its run was training).
+_LOADED_STATE = _checkout_state()
+
+
 def git_commit() -> str:
-    """The commit of the or_core checkout, or ``"unknown"`` outside a git checkout.
+    """The commit of the or_core checkout when this process imported it, or ``"unknown"``
+    outside a git checkout.
 
     ``$OR_CORE_GIT_COMMIT``, when set, comes first: whoever copies a committed tree to another
     machine (whose copy may have no ``.git``, or an older one) names its commit there and
     vouches that the tree is that commit."""
-    return os.environ.get("OR_CORE_GIT_COMMIT") or _git("rev-parse", "HEAD") or "unknown"
+    return os.environ.get("OR_CORE_GIT_COMMIT") or _LOADED_STATE[0]
 
 
 def git_dirty() -> bool:
-    """Whether tracked files outside ``results/`` (which the runs themselves rewrite) differ
-    from :func:`git_commit`; never when ``$OR_CORE_GIT_COMMIT`` names the commit."""
+    """Whether the checkout had changes to tracked files outside ``results/`` when this process
+    imported it (:func:`git_commit`); never when ``$OR_CORE_GIT_COMMIT`` names the commit."""
     if os.environ.get("OR_CORE_GIT_COMMIT"):
         return False
-    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"))
+    return _LOADED_STATE[1]
 
 
 def versions() -> dict[str, str]:

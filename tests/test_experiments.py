@@ -214,3 +214,15 @@ def test_provenance_names_the_cpu_and_its_vector_instructions() -> None:
     cpu = provenance("test")["cpu"]
     assert cpu == cpu_description() and cpu.endswith(", " + torch.backends.cpu.get_cpu_capability())
     assert len(cpu) > len(", " + torch.backends.cpu.get_cpu_capability())  # a model name before it
+
+
+def test_provenance_names_the_commit_the_process_loaded_not_the_one_checked_out_later(monkeypatch) -> None:
+    """A record is written when its run ends; the checkout may have moved meanwhile. The commit
+    and dirty state are those read when or_core was imported: git is not asked again."""
+    from or_core import provenance as prov
+
+    loaded = prov._LOADED_STATE
+    monkeypatch.setattr(prov, "_git", lambda *args: pytest.fail(f"git {args} asked again"))
+    monkeypatch.delenv("OR_CORE_GIT_COMMIT", raising=False)
+    assert (prov.git_commit(), prov.git_dirty()) == loaded
+    assert prov.provenance("test")["git_commit"] == loaded[0] and prov.versions()["git_commit"] == loaded[0]
