@@ -58,7 +58,7 @@ import pandas as pd
 
 from or_core import stats
 from or_core.matrix import load_matrix, pending_runs
-from or_core.records import load_records
+from or_core.records import load_record, load_records
 
 __all__ = [
     "METRICS",
@@ -1161,8 +1161,6 @@ def published_baselines(path: str | Path | None = None) -> list[dict[str, Any]]:
     with its library, protocol, epochs, batch size and source."""
     path = (Path(path) if path is not None
             else Path(__file__).resolve().parents[1] / "results" / "published" / "baselines.json")
-    from or_core.records import load_record
-
     return list(load_record(path).get("baselines", []))
 
 
@@ -1371,10 +1369,12 @@ def untrained_knn_by_seed(path: str | Path = UNTRAINED_REFERENCE) -> dict[int, f
     path = Path(path)
     if not path.is_file():
         return {}
-    return {int(row["seed"]): float(row["untrained_knn_top1"]) for row in load_records(path.parent, path.name)[0]["rows"]}
+    return {int(row["seed"]): float(row["untrained_knn_top1"]) for row in load_record(path)["rows"]}
 
 
-def methods_at_profile(records: Sequence[Mapping[str, Any]], untrained: Mapping[int, float] | None = None) -> pd.DataFrame:
+def methods_at_profile(
+    records: Sequence[Mapping[str, Any]], untrained: Mapping[int, float] | None = None
+) -> pd.DataFrame:
     """One row per record of a method trained once without OR: its kNN and linear top-1, kNN on
     raw pixels and on the same encoder untrained (the record's ``untrained_knn_top1``, else
     ``untrained[seed]``) on the same images, and its training minutes; best kNN first."""
@@ -1386,7 +1386,8 @@ def methods_at_profile(records: Sequence[Mapping[str, Any]], untrained: Mapping[
             "method": method_label(record["config"]["method"]),
             "kNN top-1": s["knn_top1"], "linear top-1": s["linear_top1"],
             "raw pixels kNN": s.get("raw_pixels_knn_top1", math.nan),
-            "untrained kNN": s.get("untrained_knn_top1") or untrained.get(int(s["seed"]), math.nan),
+            "untrained kNN": (s["untrained_knn_top1"] if s.get("untrained_knn_top1") is not None
+                              else untrained.get(int(s["seed"]), math.nan)),
             "training minutes": s["wall_time_s"] / 60,
         })
     columns = ["method", "kNN top-1", "linear top-1", "raw pixels kNN", "untrained kNN", "training minutes"]
