@@ -99,7 +99,7 @@ def main() -> None:
 
     def batches() -> Iterator[torch.Tensor]:
         for epoch in range(cfg.epochs):
-            yield from run.epoch_batches(epoch)
+            yield from (images for images, _ in run.epoch_batches(epoch))
 
     settings = "published" if args.published else "cpu-profile"
     print(f"{args.method}, {settings} settings: lr {cfg.lr}, method_kwargs {cfg.method_kwargs}")

@@ -27,6 +27,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,14 +111,16 @@ def _probe_batch_stats(run: Run, probe: torch.Tensor, when: str = "") -> dict[st
 
 
 def training_step(
-    run: Run, images: torch.Tensor, progress: float, augment_rng: torch.Generator
+    run: Run, images: torch.Tensor, progress: float, augment_rng: torch.Generator, indices: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     """One optimization step on a uint8 batch: augment (:func:`step_views`), then
-    :func:`optimization_step`."""
-    return optimization_step(run, next(step_views(run, [images], augment_rng)), progress)
+    :func:`optimization_step` (``indices``: the images' positions in the training set)."""
+    return optimization_step(run, next(step_views(run, [images], augment_rng)), progress, indices)
 
 
-def optimization_step(run: Run, views: list[torch.Tensor], progress: float) -> dict[str, torch.Tensor]:
+def optimization_step(
+    run: Run, views: list[torch.Tensor], progress: float, indices: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """One optimization step on a batch's augmented views: loss (+ OR term), backward, update.
 
     Returns the method's loss terms, detached; nothing here waits for the device.
@@ -129,7 +133,7 @@ def optimization_step(run: Run, views: list[torch.Tensor], progress: float) -> d
         if amp and (cfg.channels_last or run.device.type == "cpu"):
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
-            out = run.module(views, progress)  # method.training_loss, through DDP when wrapped
+            out = run.module(views, progress, indices)  # method.training_loss, through DDP when wrapped
     with record_function("backward"):
         run.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -162,8 +166,17 @@ def train_epoch(run: Run, epoch: int, step: int, augment_rng: torch.Generator, b
     run.method.train()
     sums = {"ssl_loss": torch.zeros((), device=run.device), "or_term": torch.zeros((), device=run.device)}
     losses = DeferredLossCheck(run.device, step, lambda pending, first: check_finite_losses(pending, first, epoch))
-    for views in step_views(run, run.epoch_batches(epoch), augment_rng):  # augmented in batched calls
-        out = optimization_step(run, views, step / total_steps)
+    # the views come in the batches' order, several batches per augmentation call: their
+    # images' positions wait in a queue until their step
+    positions: deque[torch.Tensor] = deque()
+
+    def images_of_the_epoch() -> Iterator[torch.Tensor]:
+        for images, indices in run.epoch_batches(epoch):
+            positions.append(indices)
+            yield images
+
+    for views in step_views(run, images_of_the_epoch(), augment_rng):  # augmented in batched calls
+        out = optimization_step(run, views, step / total_steps, positions.popleft())
         losses.add(out["loss"])
         sums["ssl_loss"] += out["ssl_loss"]
         sums["or_term"] += out["or_term"]
@@ -171,6 +184,7 @@ def train_epoch(run: Run, epoch: int, step: int, augment_rng: torch.Generator, b
         if bar is not None:
             bar.update(1)
     losses.flush()
+    run.method.on_train_epoch_end(epoch)
     means = {k: distributed.all_reduce_mean(v).item() / run.steps_per_epoch for k, v in sums.items()}
     return means, step
 

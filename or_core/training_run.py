@@ -24,7 +24,7 @@ from or_core import distributed
 from or_core.augment import MultiViewAugment
 from or_core.backbones import build_backbone
 from or_core.config import PretrainConfig
-from or_core.data import ImageTensors, batches, load_split, resolve_dataset, streaming_loader
+from or_core.data import ImageTensors, batch_indices, load_split, resolve_dataset, streaming_loader
 from or_core.errors import ConfigError, DataError
 from or_core.fast_path.compiled_calls import compile_encoders, compile_mode
 from or_core.methods import SSLMethod, build_method, method_class
@@ -79,22 +79,25 @@ class Run:
             self.train_size = self.train_size or len(self.train)
             self.image_size = self.image_size or int(self.train.images.shape[-1])
 
-    def epoch_batches(self, epoch: int) -> Iterator[torch.Tensor]:
-        """The uint8 training batches of ``epoch``, on the device, in an order that is a
-        function of the seed and the epoch alone (so a resumed run sees the same batches).
+    def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The uint8 training batches of ``epoch`` with the positions of their images in the
+        training set, ``(images, indices)`` on the device, in an order that is a function of the
+        seed and the epoch alone (so a resumed run sees the same batches).
 
         In a multi-process run each is this process's shard of a global batch, its rows
         :func:`or_core.distributed.shard_rows` (the loader of a streamed run decodes only those);
         in one process the whole batch."""
-        order = epoch_order(self.cfg, epoch)
+        rows = distributed.shard_rows(self.cfg.batch_size)
+        # the loader's SeededBatchSampler draws the same permutation from an equal generator
+        positions = batch_indices(self.train_size, self.cfg.batch_size, True, epoch_order(self.cfg, epoch), rows=rows)
         if self.loader is None:
-            rows = distributed.shard_rows(self.cfg.batch_size)
-            for images, _ in batches(self.train, self.cfg.batch_size, shuffle=True, generator=order, rows=rows):
-                yield images
+            for idx in positions:
+                idx = idx.to(self.device, non_blocking=True)
+                yield self.train.images[idx], idx
             return
-        self.loader.batch_sampler.generator = order  # SeededBatchSampler draws the permutation from it
-        for images, _ in self.loader:
-            yield images.to(self.device, non_blocking=True)
+        self.loader.batch_sampler.generator = epoch_order(self.cfg, epoch)
+        for (images, _), idx in zip(self.loader, positions, strict=True):
+            yield images.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
 
 
 def epoch_order(cfg: PretrainConfig, epoch: int) -> torch.Generator:
@@ -125,7 +128,8 @@ def _check_method_kwargs(cfg: PretrainConfig) -> None:
     parameters = inspect.signature(method_class(cfg.method).__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
-    valid = sorted(set(parameters) - {"self", "backbone", "feature_dim", "regularizer", "gamma"})
+    # num_samples is the training set's size, which build_run passes
+    valid = sorted(set(parameters) - {"self", "backbone", "feature_dim", "regularizer", "gamma", "num_samples"})
     unknown = sorted(set(cfg.method_kwargs) - set(valid))
     if unknown:
         raise ConfigError(f"method_kwargs: {cfg.method} takes no {unknown}; valid: {', '.join(valid)}")
@@ -171,6 +175,8 @@ def build_run(cfg: PretrainConfig) -> Run:
     # (DataLoader workers), which must not change the initial weights.
     backbone, feature_dim = initial_backbone(cfg, image_size)
     method_kwargs = distributed.method_kwargs(cfg.method, cfg.method_kwargs)
+    if "num_samples" in inspect.signature(method_class(cfg.method).__init__).parameters:
+        method_kwargs["num_samples"] = train_size  # a method that keeps one entry per training image
     method = build_method(
         cfg.method, backbone, feature_dim, regularizer=cfg.regularizer, gamma=cfg.gamma, **method_kwargs
     ).to(device)

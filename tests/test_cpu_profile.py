@@ -43,7 +43,7 @@ def test_cpu_bf16_trains_under_autocast_with_float32_weights(folder: Path) -> No
     assert conv.is_contiguous(memory_format=torch.channels_last) is BF16
     dtypes = []
     hook = run.method.projection_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
-    views = next(step_views(run, run.epoch_batches(0), torch.Generator().manual_seed(0)))
+    views = next(step_views(run, (images for images, _ in run.epoch_batches(0)), torch.Generator().manual_seed(0)))
     before = conv.detach().clone()
     out = optimization_step(run, views, 0.0)
     hook.remove()

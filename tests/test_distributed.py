@@ -172,6 +172,36 @@ def test_cpu_sync_batchnorm_matches_batch_norm_on_the_full_batch(tmp_path: Path)
     mp.spawn(_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
 
 
+def _deepclusterv2_worker(rank: int, world: int, init_file: str) -> None:
+    """Each process writes the memory rows of its own images (rank r: rows r, r + W, ...); after
+    the clustering both hold the same centroids and the assignment of every image."""
+    from or_core.methods.deepclusterv2 import DeepClusterV2
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same module and projections on both processes
+        method = DeepClusterV2(nn.Sequential(nn.Flatten(), nn.Linear(12, 8)), 8, proj_hidden_dim=16,
+                               proj_output_dim=4, num_prototypes=(3, 5), num_samples=40)
+        projections = torch.nn.functional.normalize(torch.randn(2, 40, 4), dim=2)
+        mine = torch.arange(rank, 40, world)
+        method.memory[:, mine] = projections[:, mine]
+        method.written[mine] = True
+        method.cluster()
+        for h, prototypes in enumerate(method.prototypes):
+            everyone = [torch.empty_like(prototypes) for _ in range(world)]
+            dist.all_gather(everyone, prototypes.detach())
+            assert all(torch.equal(p, everyone[0]) for p in everyone)
+            nearest = (projections[h % 2] @ prototypes.t()).argmax(dim=1)
+            assert torch.equal(method.assignments[h], nearest)  # every image, whichever process saw it
+    finally:
+        dist.destroy_process_group()
+
+
+def test_deepclusterv2_processes_share_centroids_and_every_images_assignment(tmp_path: Path) -> None:
+    mp.spawn(_deepclusterv2_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end: torchrun with 2 processes vs pretrain in one process, both in float64
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ SMALL_HEADS = {
     "byol": dict(pred_hidden_dim=32), "byol_whitening": dict(pred_hidden_dim=32), "dino": dict(num_prototypes=64),
     "mocov2": dict(queue_size=64), "nnclr": dict(pred_hidden_dim=32, queue_size=64), "simsiam": dict(pred_hidden_dim=16),
     "swav": dict(num_prototypes=32, queue_length=32),
-    "all4one": dict(pred_hidden_dim=32, queue_size=64), "deepclusterv2": dict(num_prototypes=(8,), memory_size=64),
+    "all4one": dict(pred_hidden_dim=32, queue_size=64), "deepclusterv2": dict(num_prototypes=(8,), num_samples=64),
     "mocov3": dict(pred_hidden_dim=32), "nnbyol": dict(pred_hidden_dim=32, queue_size=64),
     "nnsiam": dict(pred_hidden_dim=16, queue_size=64), "ressl": dict(queue_size=64),
 }

@@ -27,6 +27,7 @@ from or_core.methods.deepclusterv2 import spherical_kmeans
 from or_core.methods.mocov3 import info_nce
 from or_core.methods.ressl import relational_loss
 from or_core.methods.vibcreg import IterNorm, normalized_covariance_loss
+from or_core.orthogonality import regularized_weights
 from test_methods import BATCH, images, make_method, make_views, one_thread  # noqa: F401
 
 NEW_METHODS = ["all4one", "deepclusterv2", "mocov3", "nnbyol", "nnsiam", "ressl", "vibcreg", "wmse"]
@@ -303,41 +304,58 @@ def test_spherical_kmeans_recovers_separated_clusters():
     for k, lab in mapping.items():
         assert float(centroids[k] @ centres[lab]) > 0.99
     assert torch.allclose(centroids.norm(dim=1), torch.ones(3))
-    with pytest.raises(ValueError, match="needs as many rows"):
-        spherical_kmeans(x[:2], 3, 1)
+    # fewer rows than clusters: each row is its own cluster's centroid, the other clusters empty
+    centroids, assignments = spherical_kmeans(x[:2], 3, 2, torch.Generator().manual_seed(0))
+    assert torch.allclose(centroids[assignments], x[:2], atol=1e-6)
+    with pytest.raises(ValueError, match="no rows"):
+        spherical_kmeans(x[:0], 3, 1)
 
 
-def test_deepclusterv2_classifies_into_fixed_prototypes_and_reclusters_its_memory(images):
-    method = make_method("deepclusterv2", num_prototypes=(4, 6), memory_size=2 * BATCH,
-                         temperature=0.2)
+def test_deepclusterv2_classifies_each_image_into_its_cluster_of_the_last_clustering(images):
+    # a data set of 2 * BATCH images, this batch holding the images at positions 2, 4, ..., 2B
+    # in reverse order: the memory and the targets are indexed by position, not by batch row
+    method = make_method("deepclusterv2", num_prototypes=(4, 6), num_samples=2 * BATCH + 1, temperature=0.2)
+    indices = torch.arange(2, 2 * BATCH + 1, 2).flip(0)
     views = make_views(method, images)
-    prototypes = [p.detach().clone() for p in method.prototypes]
-    out = method.training_loss(views, 0.0)
+    with pytest.raises(ValueError, match="needs the positions of the batch's 16 images"):
+        method.training_loss(views, 0.0)
+
+    # before the first clustering: no targets, a zero loss, the memory filled
+    out = method.training_loss(views, 0.0, indices=indices)
+    assert out["ssl_loss"].item() == 0.0
+    out["loss"].backward()  # a zero gradient, but a graph
+    z = [F.normalize(method.projection_head(method.features(v)), dim=1).detach() for v in views]
+    for v in range(2):
+        assert torch.allclose(method.memory[v, indices], z[v], atol=1e-6)
+    assert method.written.nonzero().flatten().tolist() == sorted(indices.tolist())
+
+    method.on_train_epoch_end(0)  # the clustering
+    assert not method.written.any()
+    for h, prototypes in enumerate(method.prototypes):
+        assert not prototypes.requires_grad
+        assert torch.allclose(prototypes.norm(dim=1), torch.ones(prototypes.shape[0]), atol=1e-5)
+        nearest = (method.memory[h % 2, indices] @ prototypes.t()).argmax(dim=1)  # the last E step
+        assert torch.equal(method.assignments[h, indices], nearest)
+        unseen = torch.ones(2 * BATCH + 1, dtype=torch.bool)
+        unseen[indices] = False
+        assert (method.assignments[h, unseen] == -1).all()
+        assert len(set(nearest.tolist())) > 1  # not collapsed onto one centroid
+
+    # the loss: cross-entropy of every view against the image's assignment, rows without one
+    # (positions 1, 3, ...) left out
+    mixed = torch.cat([indices[: BATCH // 2], torch.arange(1, BATCH, 2)[: BATCH - BATCH // 2]])
+    targets = [method.assignments[h, mixed].clone() for h in range(2)]
+    out = method.training_loss(views, 0.5, indices=mixed)
     z = [F.normalize(method.projection_head(method.features(v)), dim=1) for v in views]
     expected = 0.0
-    for h, c in enumerate(prototypes):  # targets of set h: view h mod 2's nearest prototype
-        targets = (z[h % 2] @ c.t()).argmax(dim=1)
-        expected += sum(F.cross_entropy(zv @ c.t() / 0.2, targets) for zv in z) / 2
+    labelled = slice(0, BATCH // 2)
+    for h, c in enumerate(method.prototypes):
+        assert (targets[h][BATCH // 2:] == -1).all()
+        expected += sum(F.cross_entropy(zv[labelled] @ c.t() / 0.2, targets[h][labelled]) for zv in z) / 2
     assert torch.allclose(out["ssl_loss"], expected / 2, atol=1e-5)
+    method.zero_grad()
     out["loss"].backward()
-    assert all(p.grad is None and not p.requires_grad for p in method.prototypes)
-    assert int(method.pushed) == BATCH
-    assert all(torch.equal(p, q) for p, q in zip(method.prototypes, prototypes))
-    method.on_train_step_end(0.0)  # half the memory renewed: nothing to do yet
-    assert int(method.pushed) == BATCH
-    # the memory is now renewed; the step's backward still works in float32 (the prototypes its
-    # scores used are untouched until the step ends), then the method re-clusters
-    method.training_loss(make_views(method, images, seed=1), 0.1)["loss"].backward()
-    assert int(method.pushed) == 2 * BATCH
-    assert all(torch.equal(p, q) for p, q in zip(method.prototypes, prototypes))
-    method.on_train_step_end(0.1)
-    assert int(method.pushed) == 0
-    for h, p in enumerate(method.prototypes):  # centroids of memory h mod 2 (unit rows)
-        assert not torch.equal(p, prototypes[h])
-        assert torch.allclose(p.norm(dim=1), torch.ones(p.shape[0]), atol=1e-5)
-        memory = method.memories[h % 2].bank
-        nearest = (memory @ p.t()).argmax(dim=1)
-        assert len(set(nearest.tolist())) > 1  # not collapsed onto one centroid
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in regularized_weights(method.backbone))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +372,7 @@ def test_new_method_takes_ci_profile_steps_with_a_finite_loss(name, cifar10_dir)
     run = build_run(cfg)
     assert run.method.regularizer is not None
     rng = torch.Generator().manual_seed(0)
-    images = next(iter(run.epoch_batches(0)))
+    images, indices = next(iter(run.epoch_batches(0)))
     for step in range(2):
-        out = training_step(run, images, step / 10, rng)
+        out = training_step(run, images, step / 10, rng, indices)
         assert torch.isfinite(out["loss"]) and out["or_term"] > 0, (name, out)

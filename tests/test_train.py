@@ -139,7 +139,7 @@ def test_augmenting_several_batches_at_once_covers_every_batch_and_resumes_exact
     weights of an uninterrupted one."""
     cfg = tiny(data_root, regularizer="so", gamma=1e-4, augment_batches=3, batch_size=64, subset=512)
     run = build_run(cfg)
-    batches = list(run.epoch_batches(0))
+    batches = [images for images, _ in run.epoch_batches(0)]
     views = list(step_views(run, batches, torch.Generator().manual_seed(1)))
     assert len(batches) == len(views) == 8
     reference = torch.Generator().manual_seed(1)
@@ -184,8 +184,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 
     original = SSLMethod.training_loss
 
-    def poisoned(self, views, progress):
-        out = original(self, views, progress)
+    def poisoned(self, views, progress, indices=None):
+        out = original(self, views, progress, indices)
         if progress >= 0.5:
             out["loss"] = out["loss"] * float("nan")
         return out
@@ -285,6 +285,43 @@ def test_streaming_run_trains_and_resumes_exactly(small_image_folder: Callable[.
     assert sub["eval_train_images"] == 30 and sub["eval_test_images"] == 15
     with pytest.raises(ValueError, match="needs image_size"):
         build_run(tiny(tmp_path, dataset=str(folder), subset=None, stream=True))
+
+
+def test_every_batch_comes_with_the_positions_of_its_images(
+    data_root: Path, small_image_folder: Callable[..., Path], tmp_path: Path
+) -> None:
+    """``Run.epoch_batches`` yields ``(images, indices)``: the images are the training set's rows
+    ``indices``, resident or streamed, and an epoch visits distinct positions (all but the
+    dropped last incomplete batch)."""
+    resident = build_run(tiny(data_root, batch_size=48))
+    seen = []
+    for images, indices in resident.epoch_batches(1):
+        assert torch.equal(images, resident.train.images[indices])
+        seen += indices.tolist()
+    assert len(seen) == len(set(seen)) == 512 - 512 % 48
+    folder = small_image_folder()
+    streamed = build_run(tiny(tmp_path, dataset=str(folder), subset=None, stream=True, image_size=32,
+                              num_workers=1, batch_size=32, val_images=None))
+    seen = []
+    for images, indices in streamed.epoch_batches(0):
+        assert torch.equal(images, torch.stack([streamed.loader.dataset[int(i)][0] for i in indices]))
+        seen += indices.tolist()
+    assert len(seen) == len(set(seen)) == 120 - 120 % 32
+
+
+def test_deepclusterv2_clusters_after_each_epoch_and_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
+    """The clustering after an epoch is part of that epoch's checkpoint: 1 epoch + resume + 1
+    epoch ends with the weights, prototypes and assignments of 2 epochs in one go."""
+    cfg = tiny(data_root, method="deepclusterv2", method_kwargs={
+        "proj_hidden_dim": 64, "proj_output_dim": 32, "num_prototypes": [10, 20]})
+    straight = pretrain(cfg, tmp_path / "straight", show_progress=False)
+    history = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert history[0]["ssl_loss"] == 0.0 and history[1]["ssl_loss"] > 0.0  # no targets before the first clustering
+    pretrain(cfg, tmp_path / "resumed", show_progress=False, stop_after_epochs=1)
+    resumed = pretrain(cfg, tmp_path / "resumed", show_progress=False)
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
+    assert any(k.endswith("assignments") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["knn_top1"] == resumed["knn_top1"]
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

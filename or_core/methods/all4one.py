@@ -102,6 +102,10 @@ class All4One(SSLMethod):
     """
 
     name = "all4one"
+    # The cpu profile's support set: lightly's examples/pytorch/nnclr.py size (4096, "to run on a
+    # small dataset"); at the recipe's size the look-ups cost more than the rest of a cpu-profile
+    # step (results/benchmarks/NOTES.md#nn-support-set-cpu).
+    profile_settings = {"cpu": {"method_kwargs": {"queue_size": 4096}}}
     # solo-learn scripts/pretrain/cifar/all4one.yaml: lars, batch_size 256, lr 1.0,
     # weight_decay 1e-5, eta 0.02, clip_lr True, exclude_bias_n_norm True.
     default_optimizer = OptimizerDefaults(

@@ -11,18 +11,21 @@ with ``OR`` summed over the conv and linear weights of the **online backbone onl
 
 One training step, as the training loop drives it::
 
-    out = method.training_loss(views, progress)   # EMA targets updated first, then the forward
+    out = method.training_loss(views, progress, indices)  # EMA targets first, then the forward
     out["loss"].backward()
-    clip_gradients(optimizer)                     # the recipe's clip_grad (DINO's ViT recipe)
-    method.on_after_backward(progress)            # e.g. DINO freezes its last layer early on
-    schedule_weight_decay(optimizer, progress)    # the recipe's weight_decay_end (DINO's ViT)
+    clip_gradients(optimizer)                      # the recipe's clip_grad (DINO's ViT recipe)
+    method.on_after_backward(progress)             # e.g. DINO freezes its last layer early on
+    schedule_weight_decay(optimizer, progress)     # the recipe's weight_decay_end (DINO's ViT)
     optimizer.step()
-    method.on_train_step_end(progress)            # DeepCluster V2 re-clusters here
+    method.on_train_step_end(progress)
+    ...                                            # after the epoch's last step:
+    method.on_train_epoch_end(epoch)               # DeepCluster V2 re-clusters here
 
 ``progress`` is the fraction of training done, in ``[0, 1]`` (``step / total_steps``); EMA
-momentum and temperature schedules are functions of it. ``method(views, progress)`` is the
-same as ``method.training_loss(views, progress)`` so that ``DistributedDataParallel`` can wrap
-the method.
+momentum and temperature schedules are functions of it. ``indices`` are the positions of the
+batch's images in the training set (only a method that keeps an entry per image reads them).
+``method(views, progress, indices)`` is the same as ``method.training_loss(views, progress,
+indices)`` so that ``DistributedDataParallel`` can wrap the method.
 
 EMA targets are updated at the start of :meth:`SSLMethod.training_loss`, before the forward
 pass, with ``lightly.models.utils.update_momentum`` and the momentum of the current
@@ -243,6 +246,10 @@ class SSLMethod(nn.Module):
         profile_settings: config fields by profile name (``{"cpu": {"lr": 0.05}}``), applied
             over that profile's own when a run of this method takes it, and under a YAML file
             and explicit overrides (:func:`or_core.config.resolve_config`).
+        uses_sample_indices: whether :meth:`ssl_loss` takes ``indices``, the positions of the
+            batch's images in the training set (a method that keeps one entry per image, as
+            DeepCluster V2 does); the training loop passes them to every method's
+            :meth:`training_loss`, the others ignore them.
 
     and the views it trains on: :meth:`view_recipe` (default: BYOL's two asymmetric views).
 
@@ -263,6 +270,7 @@ class SSLMethod(nn.Module):
     default_optimizer: ClassVar[OptimizerDefaults]
     optimizer_recipes: ClassVar[dict[str, OptimizerDefaults]] = {}
     profile_settings: ClassVar[dict[str, dict[str, Any]]] = {}
+    uses_sample_indices: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -380,28 +388,51 @@ class SSLMethod(nn.Module):
     def on_train_step_end(self, progress: float) -> None:
         """Called after ``optimizer.step()``."""
 
+    def on_train_epoch_end(self, epoch: int) -> None:
+        """Called after the last step of epoch ``epoch`` (from 0), before its checkpoint."""
+
     # ------------------------------------------------------------------------------------------
     # The step
     # ------------------------------------------------------------------------------------------
-    def training_loss(self, views: Sequence[Tensor], progress: float) -> dict[str, Tensor]:
+    def training_loss(
+        self, views: Sequence[Tensor], progress: float, indices: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """``{"loss": ssl_loss + or_term, "ssl_loss": ..., "or_term": ...}`` (+ extra terms).
 
         In training mode the EMA targets are first moved toward the online networks with the
-        momentum of ``progress`` (:meth:`update_targets`).
+        momentum of ``progress`` (:meth:`update_targets`). ``indices``, the positions of the
+        batch's images in the training set, reach :meth:`ssl_loss` only in a method that
+        ``uses_sample_indices``, which needs them.
+
+        Raises:
+            ValueError: such a method called without ``indices``, or with a number of them
+                other than the views' rows.
         """
         views = self._check_views(views)
         progress = self._check_progress(progress)
+        if self.uses_sample_indices:
+            if indices is None or indices.shape != views[0].shape[:1]:
+                got = "none" if indices is None else f"shape {tuple(indices.shape)}"
+                raise ValueError(
+                    f"{self.name} needs the positions of the batch's {views[0].shape[0]} images in the "
+                    f"training set: training_loss(views, progress, indices=...), got {got}"
+                )
         if self.training:
             self.update_targets(progress)
-        out = self.ssl_loss(views, progress)
+        if self.uses_sample_indices:
+            out = self.ssl_loss(views, progress, indices=indices)
+        else:
+            out = self.ssl_loss(views, progress)
         terms = dict(out) if isinstance(out, dict) else {"ssl_loss": out}
         ssl_loss = terms.pop("ssl_loss")
         or_term = self.or_term().to(ssl_loss.device)
         return {"loss": ssl_loss + or_term, "ssl_loss": ssl_loss, "or_term": or_term, **terms}
 
-    def forward(self, views: Sequence[Tensor], progress: float = 0.0) -> dict[str, Tensor]:
+    def forward(
+        self, views: Sequence[Tensor], progress: float = 0.0, indices: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Same as :meth:`training_loss` (lets ``DistributedDataParallel`` wrap the method)."""
-        return self.training_loss(views, progress)
+        return self.training_loss(views, progress, indices)
 
     def or_term(self) -> Tensor:
         """``gamma * sum_l OR(W_l)`` over the online backbone, or a zero tensor when off."""

@@ -43,6 +43,10 @@ class NNCLR(SSLMethod):
     """
 
     name = "nnclr"
+    # The cpu profile's support set: lightly's examples/pytorch/nnclr.py size (4096, "to run on a
+    # small dataset"); at the recipe's size the look-ups cost more than the rest of a cpu-profile
+    # step (results/benchmarks/NOTES.md#nn-support-set-cpu).
+    profile_settings = {"cpu": {"method_kwargs": {"queue_size": 4096}}}
     default_optimizer = OptimizerDefaults(
         name="lars",
         lr=0.4,

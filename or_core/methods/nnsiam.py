@@ -47,6 +47,10 @@ class NNSiam(SSLMethod):
     """
 
     name = "nnsiam"
+    # The cpu profile's support set: lightly's examples/pytorch/nnclr.py size (4096, "to run on a
+    # small dataset"); at the recipe's size the look-ups cost more than the rest of a cpu-profile
+    # step (results/benchmarks/NOTES.md#nn-support-set-cpu).
+    profile_settings = {"cpu": {"method_kwargs": {"queue_size": 4096}}}
     # solo-learn scripts/pretrain/cifar/nnsiam.yaml: sgd, batch_size 256, lr 0.5,
     # weight_decay 1e-5.
     default_optimizer = OptimizerDefaults(
