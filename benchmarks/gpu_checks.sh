@@ -10,7 +10,8 @@
 #               GPU kernel time and launches, at batch 256 and 1024 (PROFILE_REGULARIZERS,
 #               PROFILE_AUGMENT_BATCHES, PROFILE_BATCH_SIZES narrow it);
 #   augment     the batched augmentation against lightly's BYOLTransform (benchmarks/augment.py);
-#   compile     the throughput with torch.compile (default and reduce-overhead modes);
+#   compile     the throughput with torch.compile (default and reduce-overhead modes), the OR
+#               term eager and compiled with the encoders (--compile-or);
 #   overhead    the OR term's cost on CUDA (benchmarks/or_overhead.py);
 #   methods     every method's throughput in the gpu profile (compiled; METHODS_COMPILE=none: eager);
 #   realrun     a short real run: BYOL + SO, gpu profile, CIFAR-10, $REAL_RUN_EPOCHS epochs
@@ -73,8 +74,8 @@ want profile && step step-profile 150 $PY benchmarks/step_profile.py --profile g
 want augment && step augment 120 $PY benchmarks/augment.py --num-images 5120 --repeats 5 --workers 2 \
     --json "$OUT/augment.json"
 want compile && step throughput-byol-compile 240 $PY benchmarks/train_throughput.py --profile gpu --methods byol \
-    --regularizers none so --augment-batches 8 --steps 100 --warmup 20 --compile default reduce-overhead \
-    --json "$OUT/throughput_byol_compile.json"
+    --regularizers none so srip --augment-batches 8 --steps 100 --warmup 20 --compile default reduce-overhead \
+    --compile-or false true --json "$OUT/throughput_byol_compile.json"
 want overhead && step or-overhead 120 $PY benchmarks/or_overhead.py --no-cpu --json "$OUT/or_overhead.json"
 want methods && step throughput-methods "${METHODS_LIMIT_S:-240}" $PY benchmarks/train_throughput.py --profile gpu \
     --regularizers so --augment-batches 8 --compile ${METHODS_COMPILE:-reduce-overhead} --steps 30 --warmup 10 \

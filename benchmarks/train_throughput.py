@@ -65,6 +65,7 @@ def throughput(method: str, profile: str, regularizer: str, steps: int, warmup: 
         "batch_size": batch,
         "augment_batches": cfg.augment_batches,
         "compile": cfg.compile,
+        "compile_or": cfg.compile_or,
         "image_size": int(images.shape[-1]),
         "steps": steps,
         "images_per_s": steps * batch / seconds,
@@ -87,6 +88,10 @@ def main() -> None:
         "--compile", nargs="+", default=[None], choices=("none", *COMPILE_MODES),
         help="torch.compile modes, one row each, e.g. none reduce-overhead (default: the profile's)",
     )
+    parser.add_argument(
+        "--compile-or", nargs="+", default=["false"], choices=("false", "true"),
+        help="with --compile: also compile the OR term; one row each (e.g. false true)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     profile = args.profile or ("gpu" if torch.cuda.is_available() else "cpu")
@@ -98,17 +103,21 @@ def main() -> None:
     print(f"{'method':<20}{'backbone':<16}{'batch':>6}{'aug.batches':>12}{'compile':>18}{'images/s':>12}  device")
     for method in args.methods or available_methods():
         for regularizer in args.regularizers:
-            for chunk, mode in itertools.product(args.augment_batches, args.compile):
+            for chunk, mode, with_or in itertools.product(args.augment_batches, args.compile, args.compile_or):
+                if with_or == "true" and (compile_mode(mode) is None or regularizer == "none"):
+                    continue  # nothing more to compile
                 torch._dynamo.reset()  # each run compiles afresh (the on-disk caches still help)
-                r = throughput(method, profile, regularizer, steps, warmup, {**overrides, "augment_batches": chunk, "compile": mode})
+                r = throughput(method, profile, regularizer, steps, warmup,
+                               {**overrides, "augment_batches": chunk, "compile": mode, "compile_or": with_or == "true"})
                 results.append(r)
                 print(
                     f"{method + '+' + regularizer:<20}{r['backbone']:<16}{r['batch_size']:>6}{r['augment_batches']:>12}"
-                    f"{compile_mode(r['compile']) or 'none':>18}{r['images_per_s']:>12.1f}  {r['device']}",
+                    f"{(compile_mode(r['compile']) or 'none') + (' +OR' if r['compile_or'] else ''):>18}"
+                    f"{r['images_per_s']:>12.1f}  {r['device']}",
                     flush=True,
                 )
     payload = {
-        "benchmark": "train_throughput", "compile": args.compile, "torch": torch.__version__,
+        "benchmark": "train_throughput", "compile": args.compile, "compile_or": args.compile_or, "torch": torch.__version__,
         "provenance": provenance(), "results": results,
     }
     if args.json:

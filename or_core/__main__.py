@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
         + " (bare --compile: default; reduce-overhead replays CUDA graphs; the gpu profile's is"
         " reduce-overhead)",
     )
+    p.add_argument(
+        "--compile-or", action="store_const", const=True, default=None,
+        help="with --compile: compile the OR term too, in the same mode",
+    )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(

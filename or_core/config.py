@@ -90,6 +90,10 @@ class PretrainConfig:
     #: mode name such as ``reduce-overhead`` (CUDA graphs); see
     #: :mod:`or_core.fast_path.compiled_calls`.
     compile: bool | str = False
+    #: With ``compile``: compile the OR term too, in the same mode (its forward and its
+    #: closed-form backward in one graph, a CUDA graph under ``reduce-overhead``), instead of
+    #: running its per-layer kernels eagerly beside the compiled backbone.
+    compile_or: bool = False
     profile: str = "custom"
 
     def __post_init__(self) -> None:
@@ -367,7 +371,7 @@ _FLOATS: dict[str, tuple[float, bool, bool]] = {
     "lr": (0.0, True, True),
     "weight_decay": (0.0, False, True),
 }
-_BOOLEANS = ("stream", "amp", "channels_last", "cpu_bf16")
+_BOOLEANS = ("stream", "amp", "channels_last", "cpu_bf16", "compile_or")
 _STRINGS = ("method", "regularizer", "backbone", "dataset", "data_root", "device", "profile")
 _MAPPINGS = ("method_kwargs", "augment_overrides")
 _OPTIMIZERS = ("lars", "sgd", "adamw")

@@ -14,6 +14,7 @@ code, so that tables and figures of run directories (:mod:`or_core.run_dirs`) lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,9 @@ def prepare_run_dir(cfg: PretrainConfig, out: Path, state: dict[str, Any] | None
                 f"use another --out, or delete {out} to start over"
             )
         current = cfg.to_dict()
+        # a field added after the checkpoint was written holds its default there
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+        saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
         differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if differing:
             shown = "; ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in differing[:4])

@@ -26,7 +26,7 @@ from or_core.backbones import build_backbone
 from or_core.config import PretrainConfig
 from or_core.data import ImageTensors, batch_indices, load_split, resolve_dataset, streaming_loader
 from or_core.errors import ConfigError, DataError
-from or_core.fast_path.compiled_calls import compile_encoders, compile_mode
+from or_core.fast_path.compiled_calls import compile_encoders, compile_mode, compile_regularizer
 from or_core.methods import SSLMethod, build_method, method_class
 from or_core.optim import build_optimizer, build_scheduler
 
@@ -201,6 +201,8 @@ def build_run(cfg: PretrainConfig) -> Run:
     scheduler = build_scheduler(optimizer, method, cfg, steps_per_epoch)
     if mode is not None:
         compile_encoders(method, mode)
+        if cfg.compile_or:
+            compile_regularizer(method, mode)
     return Run(
         cfg=cfg, device=device, method=method, augment=augment, optimizer=optimizer, scheduler=scheduler,
         train=train.to(device) if train is not None else None, steps_per_epoch=steps_per_epoch,

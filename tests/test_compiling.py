@@ -14,8 +14,15 @@ from torch import nn
 from or_core.backbones import build_backbone
 from or_core.config import resolve_config
 from or_core.evaluate import extract_features
-from or_core.fast_path.compiled_calls import COMPILE_MODES, compile_encoders, compile_mode, eager
+from or_core.fast_path.compiled_calls import (
+    COMPILE_MODES,
+    compile_encoders,
+    compile_mode,
+    compile_regularizer,
+    eager,
+)
 from or_core.methods import build_method
+from or_core.orthogonality import OrthogonalityRegularizer
 
 
 def _method(name: str) -> nn.Module:
@@ -88,3 +95,48 @@ def test_compiled_training_loss_equals_eager_and_evaluation_runs_eagerly():
     assert calls == []
     method.backbone(torch.zeros(2, 3, 32, 32))
     assert calls  # the compiled call is back after evaluation
+
+
+@pytest.mark.parametrize("kind", ["so", "srip", "so_diag", "so_offdiag"])
+def test_a_compiled_or_term_equals_the_eager_one_in_value_gradient_and_srip_vectors(kind):
+    """``aot_eager`` traces the forward and the closed-form backward into graphs (what inductor
+    then compiles) and runs them without code generation: the same float32 operations, so the
+    value and every gradient agree to rounding, and SRIP's power-iteration vectors move alike."""
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet18", image_size=32, width=0.125)
+    reference = OrthogonalityRegularizer(backbone, kind, gamma=1e-3)
+    compiled = OrthogonalityRegularizer(backbone, kind, gamma=1e-3)
+    compiled.load_state_dict(reference.state_dict())
+    holder = nn.Module()
+    holder.regularizer = compiled
+    torch._dynamo.reset()
+    assert compile_regularizer(holder, "default", backend="aot_eager") is compiled
+    assert compiled.__dict__.get("_compiled_call_impl") is not None
+    for _ in range(2):  # the second call starts from the vectors the first one left
+        results = []
+        for term in (reference, compiled):
+            backbone.zero_grad(set_to_none=True)
+            value = term()
+            value.backward()
+            results.append((value.detach(), [p.grad.clone() for p in backbone.parameters() if p.grad is not None]))
+        (value, grads), (value_c, grads_c) = results
+        torch.testing.assert_close(value_c, value, rtol=1e-5, atol=0.0)
+        assert len(grads) == len(grads_c) == len(reference.names)
+        for g, g_c in zip(grads, grads_c):
+            torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-9)
+    assert list(compiled.state_dict()) == list(reference.state_dict())
+    for a, b in zip(reference.buffers(), compiled.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert compile_regularizer(nn.Module(), "default") is None  # a method without OR: nothing to compile
+
+
+def test_compile_or_compiles_the_run_s_or_term_only_with_compile(cifar10_dir):
+    from or_core.training_run import build_run
+
+    base = {"data_root": str(cifar10_dir.parent), "subset": 256, "regularizer": "so"}
+    with_or = build_run(resolve_config("ci", overrides={**base, "compile": "default", "compile_or": True}))
+    assert with_or.method.regularizer.__dict__.get("_compiled_call_impl") is not None
+    without = build_run(resolve_config("ci", overrides={**base, "compile": "default"}))
+    assert without.method.regularizer.__dict__.get("_compiled_call_impl") is None
+    eager_run = build_run(resolve_config("ci", overrides={**base, "compile_or": True}))  # no compile: no effect
+    assert eager_run.method.regularizer.__dict__.get("_compiled_call_impl") is None

@@ -24,7 +24,7 @@ from or_core.evaluate import extract_features
 from or_core.fast_path.batched_views import step_views
 from or_core.measure import load_trained
 from or_core.methods import available_methods, method_class
-from or_core.run_files import RunConfigMismatchError
+from or_core.run_files import RunConfigMismatchError, prepare_run_dir
 from or_core.train import pretrain, training_step
 from or_core.training_run import build_run
 
@@ -217,6 +217,12 @@ def test_clear_errors(data_root: Path, tmp_path: Path) -> None:
     (tmp_path / "run" / "config.yaml").unlink()
     with pytest.raises(RunConfigMismatchError, match="epochs: 3 there, 2 now"):
         pretrain(tiny(data_root, epochs=2), tmp_path / "run", show_progress=False)
+    # a checkpoint written before a field existed holds that field's default: it resumes
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    del state["config"]["compile_or"]
+    prepare_run_dir(cfg, tmp_path / "run", state, write=False)
+    with pytest.raises(RunConfigMismatchError, match="compile_or: False there, True now"):
+        prepare_run_dir(dataclasses.replace(cfg, compile_or=True), tmp_path / "run", state, write=False)
 
 
 def test_cli_help_lists_methods_datasets_and_profiles() -> None:

@@ -25,7 +25,7 @@ import contextlib
 import torch
 from torch import nn
 
-__all__ = ["COMPILE_MODES", "compile_encoders", "compile_mode", "eager", "mark_step_begin"]
+__all__ = ["COMPILE_MODES", "compile_encoders", "compile_mode", "compile_regularizer", "eager", "mark_step_begin"]
 
 #: ``torch.compile`` modes accepted by the ``compile`` setting (``True`` means ``"default"``).
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -59,6 +59,21 @@ def compile_encoders(method: nn.Module, mode: str, **compile_kwargs) -> list[nn.
     for module in encoders:
         module.compile(mode=mode, **compile_kwargs)
     return encoders
+
+
+def compile_regularizer(method: nn.Module, mode: str, **compile_kwargs) -> nn.Module | None:
+    """Compile ``method.regularizer``, the OR term, in place; ``None`` when the method has none.
+
+    Eager, the term is a few kernels per regularized layer, launched one by one beside the
+    compiled backbone; compiled, its forward and backward are one graph each (under
+    ``reduce-overhead`` a CUDA graph). Its ``state_dict`` (SRIP's vectors) keeps its keys.
+    """
+    compile_mode(mode)  # validates
+    regularizer = getattr(method, "regularizer", None)
+    if regularizer is None:
+        return None
+    regularizer.compile(mode=mode, **compile_kwargs)
+    return regularizer
 
 
 def eager() -> contextlib.AbstractContextManager[None]:
