@@ -39,7 +39,7 @@ from or_core.diagnostics import (
     weight_spectra,
 )
 from or_core.evaluate import extract_features, normalized_batches
-from or_core.methods import SSLMethod, build_method
+from or_core.methods import SSLMethod, build_method, method_class
 from or_core.orthogonality import regularized_weights, so_penalty
 from or_core.run_files import CHECKPOINT_FILE, SUMMARY_FILE
 from or_core.training_run import select_device
@@ -105,8 +105,9 @@ def load_trained(run_dir: str | Path, device: str | torch.device | None = None) 
     cfg = PretrainConfig.from_dict(saved, str(out / CHECKPOINT_FILE))
     image_size = _image_size(cfg, out)
     backbone, feature_dim = build_backbone(cfg.backbone, image_size=image_size, width=cfg.width)
+    sizes = method_class(cfg.method).sizes_from_state(state["method"])  # e.g. DeepCluster V2's memory rows
     method = build_method(cfg.method, backbone, feature_dim, regularizer=cfg.regularizer, gamma=cfg.gamma,
-                          **cfg.method_kwargs)
+                          **cfg.method_kwargs, **sizes)
     method.load_state_dict(state["method"])
     device = select_device(cfg.device) if device is None else torch.device(device)
     method.to(device).eval()

@@ -328,6 +328,8 @@ def test_deepclusterv2_clusters_after_each_epoch_and_resumes_exactly(data_root: 
     a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
     assert any(k.endswith("assignments") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
     assert straight["knn_top1"] == resumed["knn_top1"]
+    trained = load_trained(tmp_path / "straight")  # rebuilt without its data set: the memory's rows from the state
+    assert all(torch.equal(v, a[k]) for k, v in trained.method.state_dict().items())
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

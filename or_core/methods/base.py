@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -381,6 +381,13 @@ class SSLMethod(nn.Module):
         """
         base = base_view(image_size, mean, std)
         return for_image_size(cls.view_recipe(base, n_local_views), image_size)
+
+    @classmethod
+    def sizes_from_state(cls, state: Mapping[str, Tensor]) -> dict[str, Any]:
+        """Constructor arguments that the training run set from its data, read back from a saved
+        ``state_dict`` (so that a trained method can be rebuilt without its data set); none by
+        default."""
+        return {}
 
     def on_after_backward(self, progress: float) -> None:
         """Called after ``backward()`` and before ``optimizer.step()`` (e.g. to drop gradients)."""

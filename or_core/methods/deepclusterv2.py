@@ -6,7 +6,8 @@ Douze, "Deep Clustering for Unsupervised Learning of Visual Features" (ECCV 2018
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed
@@ -159,6 +160,11 @@ class DeepClusterV2(SSLMethod):
         self.register_buffer("memory", torch.zeros(self.num_global_views, num_samples, proj_output_dim))
         self.register_buffer("written", torch.zeros(num_samples, dtype=torch.bool))
         self.register_buffer("assignments", torch.full((len(num_prototypes), num_samples), -1, dtype=torch.long))
+
+    @classmethod
+    def sizes_from_state(cls, state: Mapping[str, Tensor]) -> dict[str, Any]:
+        """``num_samples``: the rows of the saved memory."""
+        return {"num_samples": int(state["written"].shape[0])}
 
     def ssl_loss(self, views: Sequence[Tensor], progress: float, indices: Tensor | None = None) -> Tensor:
         assert indices is not None  # training_loss checks it
