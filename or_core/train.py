@@ -118,6 +118,17 @@ def training_step(
     return optimization_step(run, next(step_views(run, [images], augment_rng)), progress, indices)
 
 
+def _amp(run: Run) -> bool:
+    """Whether the run's forward passes run under bfloat16 autocast (CUDA amp, or the CPU's)."""
+    return (run.cfg.amp and run.device.type == "cuda") or trains_in_cpu_bf16(run.cfg, run.device)
+
+
+def _for_autocast(run: Run, views: list[torch.Tensor], amp: bool) -> list[torch.Tensor]:
+    if amp and (run.cfg.channels_last or run.device.type == "cpu"):
+        return [v.contiguous(memory_format=torch.channels_last) for v in views]
+    return views
+
+
 def optimization_step(
     run: Run, views: list[torch.Tensor], progress: float, indices: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
@@ -125,13 +136,12 @@ def optimization_step(
 
     Returns the method's loss terms, detached; nothing here waits for the device.
     """
-    cfg, method = run.cfg, run.method
-    amp = (cfg.amp and run.device.type == "cuda") or trains_in_cpu_bf16(cfg, run.device)
+    method = run.method
+    amp = _amp(run)
     mark_step_begin(run.compiled)  # compiled encoders: a new iteration of their CUDA graphs
     # (the labels name the phases in a torch.profiler trace: benchmarks/step_profile.py)
     with record_function("forward"):
-        if amp and (cfg.channels_last or run.device.type == "cpu"):
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        views = _for_autocast(run, views, amp)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
             out = run.module(views, progress, indices)  # method.training_loss, through DDP when wrapped
     with record_function("backward"):
@@ -145,6 +155,42 @@ def optimization_step(
         run.scheduler.step()
         method.on_train_step_end(progress)
     return {k: v.detach().float() for k, v in out.items()}
+
+
+def epoch_views(
+    run: Run, epoch: int, augment_rng: torch.Generator
+) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """The augmented views of every batch of ``epoch`` with the positions of its images in the
+    training set (:meth:`Run.epoch_batches`, :func:`step_views`)."""
+    # several batches per augmentation call: their positions wait in a queue until their views come
+    positions: deque[torch.Tensor] = deque()
+
+    def images_of_the_epoch() -> Iterator[torch.Tensor]:
+        for images, indices in run.epoch_batches(epoch):
+            positions.append(indices)
+            yield images
+
+    for views in step_views(run, images_of_the_epoch(), augment_rng):
+        yield views, positions.popleft()
+
+
+def initial_pass(run: Run, augment_rng: torch.Generator) -> float:
+    """The pass over the training set that a method which ``needs_initial_pass`` makes before its
+    first step: every batch's views (in epoch 0's order) and positions go to
+    ``method.initial_pass_step`` without gradients, then ``method.end_initial_pass()`` runs
+    (DeepCluster V2 fills its memory and clusters it). Returns its seconds."""
+    start = time.perf_counter()
+    method, amp = run.method, _amp(run)
+    method.train()
+    with torch.no_grad():
+        for views, indices in epoch_views(run, 0, augment_rng):
+            mark_step_begin(run.compiled)
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
+                method.initial_pass_step(_for_autocast(run, views, amp), indices)
+    method.end_initial_pass()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _what_is_kept(out: Path, epoch: int, main: bool) -> str:
@@ -166,17 +212,8 @@ def train_epoch(run: Run, epoch: int, step: int, augment_rng: torch.Generator, b
     run.method.train()
     sums = {"ssl_loss": torch.zeros((), device=run.device), "or_term": torch.zeros((), device=run.device)}
     losses = DeferredLossCheck(run.device, step, lambda pending, first: check_finite_losses(pending, first, epoch))
-    # the views come in the batches' order, several batches per augmentation call: their
-    # images' positions wait in a queue until their step
-    positions: deque[torch.Tensor] = deque()
-
-    def images_of_the_epoch() -> Iterator[torch.Tensor]:
-        for images, indices in run.epoch_batches(epoch):
-            positions.append(indices)
-            yield images
-
-    for views in step_views(run, images_of_the_epoch(), augment_rng):  # augmented in batched calls
-        out = optimization_step(run, views, step / total_steps, positions.popleft())
+    for views, indices in epoch_views(run, epoch, augment_rng):  # augmented in batched calls
+        out = optimization_step(run, views, step / total_steps, indices)
         losses.add(out["loss"])
         sums["ssl_loss"] += out["ssl_loss"]
         sums["or_term"] += out["or_term"]
@@ -248,6 +285,8 @@ def _pretrain(
     bar = progress_bar(total=cfg.epochs * run.steps_per_epoch, initial=step, enabled=show_progress and main,
                        desc=f"{cfg.method}+{cfg.regularizer}")
     epochs_this_call = 0
+    if state is None and run.method.needs_initial_pass:  # (resumed, it is in the checkpoint)
+        wall += initial_pass(run, augment_rng)
     try:
         while epoch < cfg.epochs:
             if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:

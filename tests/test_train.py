@@ -25,7 +25,7 @@ from or_core.fast_path.batched_views import step_views
 from or_core.measure import load_trained
 from or_core.methods import available_methods, method_class
 from or_core.run_files import RunConfigMismatchError, prepare_run_dir
-from or_core.train import pretrain, training_step
+from or_core.train import initial_pass, pretrain, training_step
 from or_core.training_run import build_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,6 +315,23 @@ def test_every_batch_comes_with_the_positions_of_its_images(
     assert len(seen) == len(set(seen)) == 120 - 120 % 32
 
 
+def test_the_pass_before_training_gives_every_image_its_cluster(data_root: Path) -> None:
+    """DeepCluster V2 ``needs_initial_pass``: one pass over the training set (the batches of
+    epoch 0, no gradient, no weight moved) fills the memory of every image it saw and clusters it."""
+    run = build_run(tiny(data_root, method="deepclusterv2", batch_size=48, method_kwargs={
+        "proj_hidden_dim": 64, "proj_output_dim": 32, "num_prototypes": [10, 20]}))
+    weights = {k: v.detach().clone() for k, v in run.method.named_parameters() if v.requires_grad}  # not the prototypes
+    seen = torch.cat([indices for _, indices in run.epoch_batches(0)])
+    assert initial_pass(run, torch.Generator().manual_seed(1)) > 0
+    assigned = run.method.assignments >= 0
+    assert torch.equal(assigned.nonzero()[:, 1].unique(), seen.sort().values) and assigned[:, seen].all()
+    assert len(seen) == 512 - 512 % 48 and not run.method.written.any()
+    assert all(torch.equal(v, dict(run.method.named_parameters())[k]) for k, v in weights.items())
+    for h, prototypes in enumerate(run.method.prototypes):  # the memory's own clustering
+        nearest = (run.method.memory[h % 2, seen] @ prototypes.t()).argmax(dim=1)
+        assert torch.equal(run.method.assignments[h, seen], nearest)
+
+
 def test_deepclusterv2_clusters_after_each_epoch_and_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
     """The clustering after an epoch is part of that epoch's checkpoint: 1 epoch + resume + 1
     epoch ends with the weights, prototypes and assignments of 2 epochs in one go."""
@@ -322,7 +339,7 @@ def test_deepclusterv2_clusters_after_each_epoch_and_resumes_exactly(data_root: 
         "proj_hidden_dim": 64, "proj_output_dim": 32, "num_prototypes": [10, 20]})
     straight = pretrain(cfg, tmp_path / "straight", show_progress=False)
     history = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    assert history[0]["ssl_loss"] == 0.0 and history[1]["ssl_loss"] > 0.0  # no targets before the first clustering
+    assert history[0]["ssl_loss"] > 0.0  # the pass before training gave the first epoch its targets
     pretrain(cfg, tmp_path / "resumed", show_progress=False, stop_after_epochs=1)
     resumed = pretrain(cfg, tmp_path / "resumed", show_progress=False)
     a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")

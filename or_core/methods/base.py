@@ -250,6 +250,9 @@ class SSLMethod(nn.Module):
             batch's images in the training set (a method that keeps one entry per image, as
             DeepCluster V2 does); the training loop passes them to every method's
             :meth:`training_loss`, the others ignore them.
+        needs_initial_pass: whether the training loop makes a pass over the training set
+            before the first step (:meth:`initial_pass_step` for every batch, without
+            gradients, then :meth:`end_initial_pass`), as DeepCluster V2 fills its memory.
 
     and the views it trains on: :meth:`view_recipe` (default: BYOL's two asymmetric views).
 
@@ -271,6 +274,7 @@ class SSLMethod(nn.Module):
     optimizer_recipes: ClassVar[dict[str, OptimizerDefaults]] = {}
     profile_settings: ClassVar[dict[str, dict[str, Any]]] = {}
     uses_sample_indices: ClassVar[bool] = False
+    needs_initial_pass: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -397,6 +401,12 @@ class SSLMethod(nn.Module):
 
     def on_train_epoch_end(self, epoch: int) -> None:
         """Called after the last step of epoch ``epoch`` (from 0), before its checkpoint."""
+
+    def initial_pass_step(self, views: Sequence[Tensor], indices: Tensor) -> None:
+        """One batch of the pass before training (``needs_initial_pass``), without gradients."""
+
+    def end_initial_pass(self) -> None:
+        """Called after the pass before training, before the first step."""
 
     # ------------------------------------------------------------------------------------------
     # The step

@@ -84,10 +84,12 @@ class DeepClusterV2(SSLMethod):
     crops alternate over the sets), and ``y_h`` their assignments. Prototypes are not learned
     (no gradient): only the encoder and projector move.
 
-    The first epoch has no assignments yet: its loss is zero and it only fills the memory with
-    the projections of the (nearly) untrained network, which the first clustering then groups.
-    It stands for the pass over the data that the authors' code (``main_deepclusterv2.py`` of
-    facebookresearch/swav, ``init_memory``) makes before training. An image whose
+    Before the first step the training loop makes one pass over the training set without
+    gradients (``needs_initial_pass``): it fills the memory with the projections of the untrained
+    network and clusters them, as the authors' code does (``init_memory`` in
+    ``main_deepclusterv2.py`` of facebookresearch/swav), so the first epoch already has
+    targets. (Called without that pass, a method has no assignments until its first clustering:
+    its loss is zero until then.) An image whose
     batch an epoch dropped (the last incomplete batch) has no assignment in the next epoch and
     is left out of that epoch's loss. Under DDP every process writes the rows of its own images,
     the k-means sums over all processes (:func:`spherical_kmeans`) and the assignments are
@@ -115,6 +117,7 @@ class DeepClusterV2(SSLMethod):
 
     name = "deepclusterv2"
     uses_sample_indices = True
+    needs_initial_pass = True
     # solo-learn scripts/pretrain/cifar/deepclusterv2.yaml: lars, batch_size 256, lr 0.6,
     # weight_decay 1e-6, eta 0.02, clip_lr True, exclude_bias_n_norm True, warmup_epochs 11.
     default_optimizer = OptimizerDefaults(
@@ -180,6 +183,15 @@ class DeepClusterV2(SSLMethod):
         if self.training:
             self._remember(z, indices)
         return torch.stack(losses).mean()  # over the prototype sets and the views
+
+    @torch.no_grad()
+    def initial_pass_step(self, views: Sequence[Tensor], indices: Tensor) -> None:
+        """Write the untrained network's projections of the global views into the memory."""
+        self._remember([F.normalize(self.projection_head(self.features(v)), dim=1) for v in views], indices)
+
+    def end_initial_pass(self) -> None:
+        """The first clustering: every image seen in the pass gets its assignment."""
+        self.cluster()
 
     @torch.no_grad()
     def _remember(self, projections: list[Tensor], indices: Tensor) -> None:
