@@ -396,4 +396,4 @@ def _run_workers(
                 failed[name] = error
         if not finished:
             time.sleep(poll_s)
-    return failed
+    return {name: failed[name] for name in names if name in failed}  # in the matrix's order, not the finishing one
