@@ -69,6 +69,7 @@ __all__ = [
     "plot_spectra_panels",
     "plot_dose_response",
     "gamma_response",
+    "paired_figure",
     "spectra_figure",
     "figure2",
     "save_spectra_figure",
@@ -664,6 +665,66 @@ def gamma_response(
         for ax, panel in zip(axes.flat, panels):
             plot_dose_response(**panel, ax=ax)
         fig.suptitle(title)
+    return fig
+
+
+def _arm_color(regularizer: str, i: int) -> str:
+    """A regularizer's colour: its condition's (:data:`CONDITIONS`), else one of the others."""
+    return CONDITIONS[regularizer].color if regularizer in CONDITIONS else _OTHER_COLORS[i % len(_OTHER_COLORS)]
+
+
+def paired_figure(
+    frame: pd.DataFrame,
+    method: str = "byol",
+    dataset: str = "cifar10",
+    metric: str = "knn_top1",
+) -> Figure:
+    """Paired comparisons over seeds of one method (:func:`or_core.report.paired_values` and
+    :func:`~or_core.report.paired_effects` of a :func:`~or_core.report.records_frame`).
+
+    Left: ``metric`` of every run, one grey line per seed joining its arms (without OR, SO,
+    SRIP, ...), so that a reader sees both the spread between seeds and how each seed moves.
+    Right: each regularizer's mean paired difference (with OR - without, same seed) with its
+    paired-t 95% interval; a hollow point has fewer than two pairs and no interval.
+    """
+    values = report.paired_values(frame, method, dataset, metric)
+    effects = report.paired_effects(values)
+    effects = effects[effects["seeds"] > 0].reset_index(drop=True)  # an arm no seed pairs: nothing to draw
+    measure = report._METRIC_NAMES.get(metric, metric)
+    name = f"{report.method_label(method)}, {report._dataset_label(dataset)}"
+    with figure_context():
+        fig, (left, right) = plt.subplots(1, 2, figsize=(DISPLAY_WIDTH_IN, 3.4), layout="constrained",
+                                          gridspec_kw={"width_ratios": [3, 2]})
+        if values.empty:
+            _note(left, "no data yet")
+            _note(right, "no data yet")
+        else:
+            arms = list(values.columns)
+            x = np.arange(len(arms))
+            for seed, row in values.iterrows():
+                have = row.notna().to_numpy()
+                left.plot(x[have], row.to_numpy()[have], color="0.6", lw=0.8, zorder=1)
+            for i, arm in enumerate(arms):
+                left.scatter(np.full(len(values), x[i]), values[arm], color=_arm_color(arm, i), s=24, zorder=2)
+            left.set_xticks(x, [report.REGULARIZER_LABELS.get(a, a) for a in arms])
+            _finish(left, "", measure, f"{report._plural(len(values), 'seed')}, one grey line each", False)
+            if effects.empty:
+                _note(right, "no pair of runs yet\n(same seed, with\nand without OR)")
+            else:
+                xe = np.arange(len(effects))
+                for i, row in effects.iterrows():
+                    color = _arm_color(row["regularizer"], i + 1)
+                    if row["seeds"] >= 2:
+                        right.errorbar(xe[i], row["effect"], yerr=[[row["effect"] - row["ci_low"]],
+                                                                   [row["ci_high"] - row["effect"]]],
+                                       fmt="o", color=color, capsize=4, elinewidth=1.2)
+                    else:
+                        right.scatter(xe[i], row["effect"], facecolors="white", edgecolors=color, s=36, zorder=3)
+                right.axhline(0.0, color="0.3", lw=0.8, ls=(0, (6, 3)))
+                right.set_xticks(xe, [f"{label}\n({report._plural(n, 'pair')})"
+                                      for label, n in zip(effects["label"], effects["seeds"])])
+                _finish(right, "", "with OR - without (same seed)", "mean paired difference, 95% CI", False)
+        fig.suptitle(f"{name}: paired seeds {report._scale_tag(frame)}")
     return fig
 
 

@@ -85,6 +85,9 @@ __all__ = [
     "paired_seeds",
     "paired_summary",
     "paired_differences",
+    "REGULARIZER_LABELS",
+    "paired_values",
+    "paired_effects",
     "transfer_table",
     "figure2_runs",
     "figure3_runs",
@@ -455,6 +458,49 @@ def paired_differences(
     table["with OR"] = pairs[measure].astype(float)
     table["delta"] = table["with OR"] - table["without OR"]
     return (table.dropna(subset=["delta"]) if dropna else table).reset_index(drop=True)
+
+
+#: How the book writes each regularizer in the paired figures and tables.
+REGULARIZER_LABELS = {
+    "none": "none", "so": "SO", "srip": "SRIP", "so_diag": "SO diagonal", "so_offdiag": "SO off-diagonal",
+    "dso": "DSO", "mc": "MC",
+}
+
+
+def paired_values(frame: pd.DataFrame, method: str = "byol", dataset: str = "cifar10",
+                  metric: str = "knn_top1") -> pd.DataFrame:
+    """``metric`` of every run of ``method`` on ``dataset``, one row per seed and one column per
+    regularizer (``none`` first, then :data:`REGULARIZER_LABELS`' order), the runs
+    :func:`select_runs` keeps (every seed). A seed without some arm has ``NaN`` there."""
+    runs = select_runs(frame[(frame["method"] == method) & (frame["dataset"] == dataset)], seed=None)
+    if runs.empty:
+        return pd.DataFrame(index=pd.Index([], name="seed"))
+    table = runs.pivot_table(index="seed", columns="regularizer", values=metric, aggfunc="first")
+    order = [r for r in REGULARIZER_LABELS if r in table.columns]
+    order += sorted(c for c in table.columns if c not in order)
+    table = table[order].astype(float)
+    table.columns.name = None
+    return table
+
+
+def paired_effects(values: pd.DataFrame) -> pd.DataFrame:
+    """Each regularizer's column of :func:`paired_values` against ``none`` on the seeds that have
+    both: the number of pairs, the mean paired difference (with OR - without), its paired-t 95%
+    interval and verdict (:func:`or_core.stats.paired_comparison`; fewer than two pairs: no
+    interval, "too few seeds")."""
+    rows = []
+    for column in values.columns:
+        if column == "none" or "none" not in values.columns:
+            continue
+        both = values[["none", column]].dropna()
+        result = stats.paired_comparison(both[column] - both["none"])
+        rows.append({
+            "regularizer": column, "label": REGULARIZER_LABELS.get(column, column), "seeds": result.n,
+            "effect": result.mean, "ci_low": result.low, "ci_high": result.high, "95% CI": _interval_text(result),
+            "verdict": result.verdict,
+        })
+    columns = ["regularizer", "label", "seeds", "effect", "ci_low", "ci_high", "95% CI", "verdict"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def transfer_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:

@@ -194,6 +194,40 @@ def test_paired_seeds_mean_std_and_wins(frame: pd.DataFrame) -> None:
     assert lonely.empty and report.paired_summary(lonely).loc["knn_top1", "wins"] == 0
 
 
+def test_paired_values_and_effects_pair_each_arm_with_its_seed(frame: pd.DataFrame) -> None:
+    values = report.paired_values(frame)
+    # every seed of BYOL/CIFAR-10, the chosen gamma of SO (1e-6), SRIP on seed 0 only
+    assert values.index.tolist() == [0, 1, 2] and values.columns.tolist() == ["none", "so", "srip"]
+    assert values["none"].tolist() == pytest.approx([0.50, 0.52, 0.54])
+    assert values["so"].tolist() == pytest.approx([0.53, 0.51, 0.58])
+    assert values["srip"].iloc[0] == pytest.approx(0.52) and values["srip"].iloc[1:].isna().all()
+    effects = report.paired_effects(values).set_index("regularizer")
+    d = np.array([0.03, -0.01, 0.04])
+    half = 4.302652729911275 * d.std(ddof=1) / math.sqrt(3)  # t_{0.975, 2}
+    so = effects.loc["so"]
+    assert so["seeds"] == 3 and so["effect"] == pytest.approx(0.02)
+    assert (so["ci_low"], so["ci_high"]) == pytest.approx((0.02 - half, 0.02 + half))
+    assert so["verdict"] == report.NO_EFFECT  # the interval contains 0
+    srip = effects.loc["srip"]
+    assert srip["seeds"] == 1 and srip["verdict"] == report.TOO_FEW and math.isnan(srip["ci_low"])
+    assert report.paired_values(frame, method="wmse").empty
+
+
+def test_paired_figure_draws_every_seed_and_each_interval(frame: pd.DataFrame) -> None:
+    fig = plots.paired_figure(frame)
+    left, right = fig.axes
+    assert len(left.lines) == 3  # one line per seed
+    assert [t.get_text() for t in left.get_xticklabels()] == ["none", "SO", "SRIP"]
+    d = np.array([0.03, -0.01, 0.04])
+    half = 4.302652729911275 * d.std(ddof=1) / math.sqrt(3)
+    # the SO interval: the vertical segment of its error bar runs from the low to the high end
+    segments = right.collections[0].get_segments()
+    assert [segments[0][0][1], segments[0][1][1]] == pytest.approx([0.02 - half, 0.02 + half])
+    assert [t.get_text() for t in right.get_xticklabels()] == ["SO\n(3 pairs)", "SRIP\n(1 pair)"]
+    empty = plots.paired_figure(report.records_frame([]))
+    assert [t.get_text() for ax in empty.axes for t in ax.texts] == ["no data yet", "no data yet"]
+
+
 def test_transfer_table(records: list[dict[str, Any]]) -> None:
     table = report.transfer_table(records)
     assert table["target"].tolist() == ["cifar100", "cifar100"]
