@@ -82,6 +82,7 @@ from or_core.measure import TrainedRun, collapse_spectra, load_trained
 from or_core.provenance import provenance
 from or_core.records import scale_of, write_record
 from or_core.run_files import CHECKPOINT_FILE, read_metrics
+from or_core.run_lock import RunInUseError, run_lock
 from or_core.train import pretrain
 
 # The names of or_core.matrix (parsing a matrix file, choosing gamma) are importable from here too:
@@ -96,6 +97,7 @@ WORKER_TAIL_LINES = 40
 #: How a failed run is reported on stderr, live and in the final list; a parent process reads
 #: its workers' failures back from this line.
 FAILED_LINE = "[matrix] failed: {name}: {message}"
+SKIPPED_LINE = "[matrix] skipped: {name}: process {pid} on {host} is training it"
 
 
 class MatrixRunsFailed(InputError):
@@ -138,12 +140,24 @@ def _transfer(run: TrainedRun, datasets: Sequence[str]) -> dict[str, dict[str, f
 def run_experiment(
     matrix: Matrix, experiment: Experiment, work_dir: str | Path, show_progress: bool = False
 ) -> dict[str, Any]:
-    """Train (or resume) one run in ``work_dir/<name>``, then write and return its record."""
+    """Train (or resume) one run in ``work_dir/<name>``, then write and return its record.
+
+    The run directory's lock (:func:`or_core.run_lock.run_lock`) is held from training to
+    the record, so that no other process trains or records the same run meanwhile.
+
+    Raises:
+        RunInUseError: another live process holds the run directory.
+    """
     if experiment.needs_chosen_gamma:
         raise ValueError(f"{experiment.name}: choose its gamma first (Experiment.with_gamma)")
+    out = Path(work_dir) / experiment.name
+    with run_lock(out):
+        return _train_and_record(matrix, experiment, out, show_progress)
+
+
+def _train_and_record(matrix: Matrix, experiment: Experiment, out: Path, show_progress: bool) -> dict[str, Any]:
     overrides = dict(experiment.overrides)
     cfg = fit_to_data(resolve_config(matrix.profile, overrides={**overrides, "profile": matrix.profile}))
-    out = Path(work_dir) / experiment.name
     start = time.perf_counter()
     summary = pretrain(cfg, out, show_progress=show_progress)
     run = load_trained(out)
@@ -213,9 +227,15 @@ def _error_line(error: Exception, debug: bool = False) -> str:
 
 def _attempt(name: str, work: Callable[[], Any], failed: dict[str, str], debug: bool = False) -> bool:
     """Do ``work`` for run ``name``; if it fails, note its one-line error in ``failed`` (and
-    print it at once) instead of raising, so that the matrix goes on with the other runs."""
+    print it at once) instead of raising, so that the matrix goes on with the other runs. A run
+    that another process is training is skipped with a line on stderr, not failed: that
+    process records it."""
     try:
         work()
+    except RunInUseError as error:
+        print(SKIPPED_LINE.format(name=name, pid=error.holder["pid"], host=error.holder["host"]),
+              file=sys.stderr, flush=True)
+        return False
     except Exception as error:  # one failed run must not stop the others; all are listed at the end
         _fail(failed, name, _error_line(error, debug))
         return False

@@ -43,6 +43,7 @@ from or_core.diagnostics import effective_rank, std_of_l2_normalized
 from or_core.divergence import NonFiniteLossError, check_finite_losses, check_finite_weights, require_finite
 from or_core.evaluate import evaluate_dir, evaluate_run, extract_features  # evaluate_dir: for the command line
 from or_core.fast_path.batched_views import step_views
+from or_core.run_lock import run_lock
 from or_core.fast_path.compiled_calls import mark_step_begin
 from or_core.fast_path.deferred_checks import DeferredLossCheck
 from or_core.optim import clip_gradients, schedule_weight_decay
@@ -248,7 +249,10 @@ def pretrain(
     owns_process_group = distributed.init_process_group(select_device(cfg.device))
     try:
         cfg = fit_to_data(cfg, notify=distributed.is_main_process())
-        return _pretrain(cfg, Path(out), show_progress, stop_after_epochs)
+        if not distributed.is_main_process():
+            return _pretrain(cfg, Path(out), show_progress, stop_after_epochs)
+        with run_lock(out):  # no second process trains the same directory meanwhile
+            return _pretrain(cfg, Path(out), show_progress, stop_after_epochs)
     finally:
         if owns_process_group:
             distributed.destroy_process_group()
