@@ -342,6 +342,8 @@ def run_matrix(
             ran += [e.name for e in phase if matrix.record_path(e).is_file() and e.name not in failures]
         else:
             for experiment in phase:
+                if not rerun and matrix.record_path(experiment).is_file():
+                    continue  # recorded meanwhile by another process working on the same matrix
                 print(f"[matrix] {experiment.name} ({', '.join(experiment.groups)})", flush=True)
                 if _attempt(experiment.name, lambda e=experiment: run_experiment(matrix, e, work_dir), failed, debug):
                     ran.append(experiment.name)

@@ -122,3 +122,26 @@ def test_the_matrix_skips_a_run_another_process_trains_and_records_the_others(
     assert f"[matrix] skipped: byol-cifar10-none-s0: process {child.pid} on {socket.gethostname()} is training it" in err
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["byol-cifar10-none-s1.json"]
     assert not (work / "byol-cifar10-none-s1" / LOCK_FILE).exists()  # released after its record
+
+
+def test_the_matrix_does_not_train_a_run_another_process_recorded_meanwhile(
+    cifar10_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from or_core import experiments
+
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump({
+        "profile": "ci", "results": str(tmp_path / "results"), "base": {"data_root": str(cifar10_dir.parent)},
+        "runs": [{"group": "g", "method": "byol", "regularizer": "none", "seed": [0, 1]}],
+    }))
+    trained = []
+
+    def fake_run(matrix, experiment, work_dir, show_progress=False):  # noqa: ANN001, ANN202
+        trained.append(experiment.name)
+        for name in ("byol-cifar10-none-s0", "byol-cifar10-none-s1"):  # s1: "another process" recorded it
+            (tmp_path / "results").mkdir(exist_ok=True)
+            (tmp_path / "results" / f"{name}.json").write_text("{}")
+
+    monkeypatch.setattr(experiments, "run_experiment", fake_run)
+    assert run_matrix(path, tmp_path / "work") == ["byol-cifar10-none-s0"]
+    assert trained == ["byol-cifar10-none-s0"]
