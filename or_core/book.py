@@ -355,7 +355,46 @@ def write_intro(book_dir: Path = BOOK_DIR, results: Path = REPO_ROOT / "results"
         ]
     path = generated / "claims.md"
     path.write_text("\n".join(lines) + "\n")
+    _write_paired_claims(generated, results)
     _write_costs(generated, results)
+    return path
+
+
+#: The matrix of the cpu profile's paired comparisons, and where notebook 05 shows it.
+PAIRED_MATRIX = REPO_ROOT / "configs" / "matrix_cpu_paired.yaml"
+PAIRED_SECTION = ("figures-profile-paired", "05 §15")
+
+
+def _write_paired_claims(generated: Path, results: Path) -> Path:
+    """``<generated>/claims_paired.md``: the intro's answer from the paired matrix
+    (:data:`PAIRED_MATRIX`) as far as it is recorded: per claim, the comparison with the most
+    seeds among its comparison runs (the selection runs never count), and how many of the
+    matrix's runs are still missing. Its CSV goes to ``<generated>/html/claims_paired.csv``."""
+    from or_core import report
+    from or_core.config import recipe
+
+    folder = results / "matrix_cpu_paired"
+    records = [r for r in report.load_folder(folder) if "selection" not in r["groups"]] if folder.is_dir() else []
+    frame = report.records_frame(records)
+    headline = report.headline_claims(report.claims(frame, records))
+    headline.to_csv(generated / "html" / "claims_paired.csv")
+    missing = len(report.missing_runs(PAIRED_MATRIX, folder)) if PAIRED_MATRIX.is_file() else 0
+    sections = {str(key): PAIRED_SECTION for key in headline.index}
+    lines = [
+        f"Each claim of the paper, checked on the {len(records)} comparison runs recorded so far of "
+        f"`configs/matrix_cpu_paired.yaml` (the **cpu** profile: {recipe('cpu')}). Gamma is chosen per method "
+        "on the validation split of a selection seed that no comparison uses; the comparisons pair runs with and "
+        f"without OR on fresh seeds. {missing} runs of that matrix are still to be trained, so most claims have "
+        "too few pairs yet; the rows fill in as the records land.",
+        "",
+        report.claims_markdown(headline, sections),
+        "",
+        '<p class="or-table-csv"><a href="claims_paired.csv" download="claims_paired.csv">claims_paired.csv</a> '
+        "(this table)</p>",
+        "",
+    ]
+    path = generated / "claims_paired.md"
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 

@@ -591,6 +591,39 @@ def test_the_intro_opens_with_the_claims_table_of_the_records(tmp_path: Path) ->
     assert "{include} generated/cost.md" in (BOOK / "reproduce.md").read_text()
 
 
+def test_the_intro_shows_the_paired_matrix_as_far_as_it_is_recorded(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    from or_core import book, report
+
+    results = tmp_path / "results"
+    source = report.load_folder(REPO_ROOT / "results" / "matrix_cpu_paired")
+    if not source:
+        pytest.skip("no paired records")
+    (results / "matrix_cpu_paired").mkdir(parents=True)
+    for record in source:  # every comparison run, and one selection run that must not count
+        path = Path(record.pop("_path"))
+        (results / "matrix_cpu_paired" / path.name).write_text(json.dumps(record))
+    comparisons = [r for r in source if "selection" not in r["groups"]]
+    assert len(comparisons) < len(source)
+    generated = tmp_path / "book" / "generated"
+    (generated / "html").mkdir(parents=True)
+    text = book._write_paired_claims(generated, results).read_text()
+    assert f"checked on the {len(comparisons)} comparison runs recorded so far" in text
+    missing = len(report.missing_runs(book.PAIRED_MATRIX, results / "matrix_cpu_paired"))
+    assert f"{missing} runs of that matrix are still to be trained" in text
+    frame = report.records_frame(comparisons)
+    headline = report.headline_claims(report.claims(frame, comparisons))
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [c.strip("| ").split(" | ")[0] for c in rows] == headline["claim"].tolist()
+    for line, verdict in zip(rows, headline["verdict"]):
+        assert f"**{verdict}**" in line and "<figures-profile-paired>" in line
+    assert pd.read_csv(generated / "html" / "claims_paired.csv", index_col="id").index.tolist() == list(headline.index)
+    intro = (BOOK / "intro.md").read_text()
+    assert intro.index("{include} generated/claims_paired.md") < intro.index("{include} generated/claims.md")
+    figures = "".join(_source(c) for c in _notebook(NOTEBOOKS / "05_figures.ipynb")["cells"] if c["cell_type"] == "markdown")
+    assert "(figures-profile-paired)=" in figures and "(figures-gpu)=" in figures
+
+
 def test_published_baselines_stand_beside_ours_with_their_protocols() -> None:
     from or_core import report
 
