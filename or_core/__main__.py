@@ -217,12 +217,16 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
         print(json.dumps(evaluate_dir(args.out, sizes), indent=2))
         return 0
     if args.command == "matrix":
-        from or_core.experiments import run_matrix
+        from or_core.experiments import being_trained, run_matrix
 
         names = run_matrix(
             args.matrix, args.work, jobs=args.jobs, groups=args.groups, only=args.only,
             results=args.results, dry_run=args.dry_run, rerun=args.rerun, debug=debug,
         )
+        if args.dry_run:  # name the runs another process is training now
+            busy = being_trained(args.matrix, names, args.work)
+            names = [f"{n} (being trained by process {busy[n]['pid']} on {busy[n]['host']})" if n in busy else n
+                     for n in names]
         print(("pending: " if args.dry_run else "ran: ") + (", ".join(names) or "nothing"))
         return 0
     if args.command == "transfer":

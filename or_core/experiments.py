@@ -82,14 +82,15 @@ from or_core.measure import TrainedRun, collapse_spectra, load_trained
 from or_core.provenance import provenance
 from or_core.records import scale_of, write_record
 from or_core.run_files import CHECKPOINT_FILE, read_metrics
-from or_core.run_lock import RunInUseError, run_lock
+from or_core.run_lock import RunInUseError, lock_holder, run_lock
 from or_core.train import pretrain
 
 # The names of or_core.matrix (parsing a matrix file, choosing gamma) are importable from here too:
 # the notebooks and tests that train a matrix name them so.
 __all__ = [
     "Experiment", "Matrix", "GammaNotChosen", "MatrixRunsFailed", "load_matrix", "run_name", "choose_gamma",
-    "choice_key", "grid_of", "resolve_chosen", "pending_runs", "run_experiment", "run_matrix",
+    "choice_key", "grid_of", "resolve_chosen", "pending_runs", "run_experiment", "run_matrix", "matrix_work_dir",
+    "being_trained",
 ]
 
 #: Lines of a worker's stderr kept to name its error once it has failed.
@@ -281,6 +282,20 @@ def _raise_failures(failed: dict[str, str], ran: Sequence[str], rerun: bool) -> 
     )
 
 
+def matrix_work_dir(path: str | Path, work_dir: str | Path | None = None) -> Path:
+    """The folder of a matrix's run directories: ``work_dir``, else
+    ``~/.cache/or_core/matrix/<matrix file's stem>``."""
+    return Path(work_dir).expanduser() if work_dir else Path("~/.cache/or_core/matrix").expanduser() / Path(path).stem
+
+
+def being_trained(path: str | Path, names: Sequence[str], work_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Which of the runs ``names`` of the matrix at ``path`` another live process is training
+    now: ``{name: {"host", "pid"}}`` (:func:`or_core.run_lock.lock_holder` of each run directory)."""
+    root = matrix_work_dir(path, work_dir)
+    holders = {name: lock_holder(root / name) for name in names}
+    return {name: holder for name, holder in holders.items() if holder is not None}
+
+
 def run_matrix(
     path: str | Path,
     work_dir: str | Path | None = None,
@@ -314,10 +329,7 @@ def run_matrix(
     if dry_run:
         return pending_runs(matrix, groups, only, rerun)
     check_selection(matrix, groups, only)
-    work_dir = (
-        Path(work_dir).expanduser() if work_dir
-        else Path("~/.cache/or_core/matrix").expanduser() / matrix.path.stem
-    )
+    work_dir = matrix_work_dir(matrix.path, work_dir)
     wanted = [e for e in matrix.experiments if groups is None or set(e.groups) & set(groups)]
     ran: list[str] = []
     failed: dict[str, str] = {}

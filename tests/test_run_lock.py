@@ -145,3 +145,24 @@ def test_the_matrix_does_not_train_a_run_another_process_recorded_meanwhile(
     monkeypatch.setattr(experiments, "run_experiment", fake_run)
     assert run_matrix(path, tmp_path / "work") == ["byol-cifar10-none-s0"]
     assert trained == ["byol-cifar10-none-s0"]
+
+
+def test_the_dry_run_names_the_runs_another_process_is_training(cifar10_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump({
+        "profile": "ci", "results": str(tmp_path / "results"), "base": {"data_root": str(cifar10_dir.parent)},
+        "runs": [{"group": "g", "method": "byol", "regularizer": "none", "seed": [0, 1]}],
+    }))
+    work = tmp_path / "work"
+    child = subprocess.Popen([sys.executable, "-c", HOLD, str(work / "byol-cifar10-none-s1")],
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        out = subprocess.run([sys.executable, "-m", "or_core", "matrix", str(path), "--work", str(work), "--dry-run"],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    finally:
+        child.kill()
+        child.wait()
+    host = socket.gethostname()
+    assert out.stdout.strip() == (f"pending: byol-cifar10-none-s0, byol-cifar10-none-s1 (being trained by process "
+                                  f"{child.pid} on {host})")
