@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,16 +32,35 @@ with run_lock(sys.argv[1]):
 """
 
 
+@contextmanager
+def _held(out: Path) -> Iterator[subprocess.Popen]:
+    """Another live process holding the lock of ``out`` for the block; killed after it."""
+    child = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _two_seed_matrix(tmp_path: Path, profile: str, base: dict) -> Path:
+    """A matrix file of BYOL without OR on seeds 0 and 1, its records in ``tmp_path / "results"``."""
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump({
+        "profile": profile, "results": str(tmp_path / "results"), "base": base,
+        "runs": [{"group": "g", "method": "byol", "regularizer": "none", "seed": [0, 1]}],
+    }))
+    return path
+
+
 @pytest.fixture()
 def holder(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
     """Another live process holding the lock of ``tmp_path / "run"``."""
     out = tmp_path / "run"
-    child = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert child.stdout is not None and child.stdout.readline().strip() == "held"
-    yield child, out
-    child.kill()
-    child.wait()
+    with _held(out) as child:
+        yield child, out
 
 
 def test_the_lock_is_held_for_the_block_then_released_and_nests(tmp_path: Path) -> None:
@@ -104,20 +124,10 @@ def test_the_matrix_skips_a_run_another_process_trains_and_records_the_others(
         "batch_size": 64, "eval_train_subset": 200, "eval_test_subset": 100, "val_images": 100,
         "linear_epochs": 1, "knn_k": 10, "method_kwargs": {"proj_hidden_dim": 32, "proj_output_dim": 16},
     }
-    path = tmp_path / "matrix.yaml"
-    path.write_text(yaml.safe_dump({
-        "profile": "cpu", "results": str(tmp_path / "results"), "base": base,
-        "runs": [{"group": "g", "method": "byol", "regularizer": "none", "seed": [0, 1]}],
-    }))
+    path = _two_seed_matrix(tmp_path, "cpu", base)
     work = tmp_path / "work"
-    child = subprocess.Popen([sys.executable, "-c", HOLD, str(work / "byol-cifar10-none-s0")],
-                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+    with _held(work / "byol-cifar10-none-s0") as child:
         assert run_matrix(path, work) == ["byol-cifar10-none-s1"]  # no failure raised for the skipped one
-    finally:
-        child.kill()
-        child.wait()
     err = capfd.readouterr().err
     assert f"[matrix] skipped: byol-cifar10-none-s0: process {child.pid} on {socket.gethostname()} is training it" in err
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["byol-cifar10-none-s1.json"]
@@ -129,11 +139,7 @@ def test_the_matrix_does_not_train_a_run_another_process_recorded_meanwhile(
 ) -> None:
     from or_core import experiments
 
-    path = tmp_path / "matrix.yaml"
-    path.write_text(yaml.safe_dump({
-        "profile": "ci", "results": str(tmp_path / "results"), "base": {"data_root": str(cifar10_dir.parent)},
-        "runs": [{"group": "g", "method": "byol", "regularizer": "none", "seed": [0, 1]}],
-    }))
+    path = _two_seed_matrix(tmp_path, "ci", {"data_root": str(cifar10_dir.parent)})
     trained = []
 
     def fake_run(matrix, experiment, work_dir, show_progress=False):  # noqa: ANN001, ANN202
@@ -148,21 +154,11 @@ def test_the_matrix_does_not_train_a_run_another_process_recorded_meanwhile(
 
 
 def test_the_dry_run_names_the_runs_another_process_is_training(cifar10_dir: Path, tmp_path: Path) -> None:
-    path = tmp_path / "matrix.yaml"
-    path.write_text(yaml.safe_dump({
-        "profile": "ci", "results": str(tmp_path / "results"), "base": {"data_root": str(cifar10_dir.parent)},
-        "runs": [{"group": "g", "method": "byol", "regularizer": "none", "seed": [0, 1]}],
-    }))
+    path = _two_seed_matrix(tmp_path, "ci", {"data_root": str(cifar10_dir.parent)})
     work = tmp_path / "work"
-    child = subprocess.Popen([sys.executable, "-c", HOLD, str(work / "byol-cifar10-none-s1")],
-                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+    with _held(work / "byol-cifar10-none-s1") as child:
         out = subprocess.run([sys.executable, "-m", "or_core", "matrix", str(path), "--work", str(work), "--dry-run"],
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
-    finally:
-        child.kill()
-        child.wait()
     host = socket.gethostname()
     assert out.stdout.strip() == (f"pending: byol-cifar10-none-s0, byol-cifar10-none-s1 (being trained by process "
                                   f"{child.pid} on {host})")
