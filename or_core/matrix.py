@@ -666,16 +666,14 @@ def pending_runs(
     """The names of the runs of ``matrix`` that :func:`or_core.experiments.run_matrix` would
     train, in its order (its dry run): runs without a record (``rerun``: every selected run),
     restricted to ``groups`` and ``only``. A ``gamma: chosen`` run is named by its resolved
-    gamma once its grid is recorded, by its template (``...-chosen-s0``) before."""
+    gamma once its own grid is recorded (other runs of the first phase may still be missing),
+    by its template (``...-chosen-s0``) before."""
     check_selection(matrix, groups, only)
     wanted = [e for e in matrix.experiments if groups is None or set(e.groups) & set(groups)]
     names: list[str] = []
     for chosen_phase in (False, True):
         phase = [e for e in wanted if e.needs_chosen_gamma == chosen_phase]
         if chosen_phase and phase:
-            if any(not matrix.record_path(e).is_file() for e in wanted if not e.needs_chosen_gamma):
-                names += [e.name for e in phase]
-                continue
             phase, unresolved = resolve_each(matrix, phase)
             if only is None:  # a worker (--only) of the first phase skips them
                 names += [e.name for e, _ in unresolved]
