@@ -356,7 +356,103 @@ def write_intro(book_dir: Path = BOOK_DIR, results: Path = REPO_ROOT / "results"
     path = generated / "claims.md"
     path.write_text("\n".join(lines) + "\n")
     _write_paired_claims(generated, results)
+    _write_answer(generated, results)
     _write_costs(generated, results)
+    return path
+
+
+def _points(value: float) -> str:
+    """An accuracy difference in percentage points, signed: ``"-0.5"``."""
+    return f"{100 * value:+.1f}"
+
+
+def _paired_answer(records: list[dict[str, Any]]) -> list[str]:
+    """The paired matrix's answer in words, one sentence per comparison with >= 2 seeds: its kNN
+    effect in points with the interval, what the interval rules out, and whether OR moved its
+    own objective (the SO error of the weights) at that gamma."""
+    from or_core import report
+
+    if not records:
+        return ["no comparison run recorded yet."]
+    table = report.claims(report.records_frame(records), records)
+    knn = table.loc[["accuracy_knn"]]
+    knn = knn[(knn["comparison"] != report.ALL_COMPARISONS) & (knn["seeds"] >= 2)]
+    with_or = sum(r["config"]["regularizer"] != "none" for r in records)
+    if knn.empty:
+        return [f"{with_or} runs with OR recorded, no comparison with two seeds yet."]
+    orth = table.loc[["orthogonality"]].set_index("comparison")
+    sentences = []
+    for _, row in knn.iterrows():
+        text = (f"{row['comparison']} against the same method without OR, {row['seeds']} paired seeds: "
+                f"test kNN top-1 {_points(row['effect'])} points (95% CI {_points(row['ci_low'])} to "
+                f"{_points(row['ci_high'])}), {row['verdict']}")
+        if row["ci_high"] > 0:
+            text += f"; a gain above {_points(row['ci_high'])} points is ruled out at this scale"
+        if row["comparison"] in orth.index:
+            o = orth.loc[row["comparison"]]
+            if o["verdict"] == "supported":
+                text += ". OR did lower the weights' SO error (its own objective) beyond the seeds' spread"
+            else:
+                text += (f". OR did not measurably lower the weights' SO error, its own objective ({o['verdict']}), "
+                         "so at this gamma and width the regularizer barely acts and the comparison says little "
+                         "about OR's mechanism")
+        sentences.append(text + ".")
+    return sentences
+
+
+def _gpu_answer(results: Path) -> list[str]:
+    """The finished gpu-profile run directories of ``results/gpu_runs`` paired as without / with
+    OR (same method, data set, epochs and GPU): one sentence per pair, one seed, no verdict."""
+    from or_core import report
+    from or_core.run_dirs import load_run_dirs, run_dirs_table
+
+    table = run_dirs_table(load_run_dirs(results / "gpu_runs")) if (results / "gpu_runs").is_dir() else None
+    if table is None or table.empty:
+        return []
+    done = table[table["finished"].astype(bool)]
+    keys = ["method", "dataset", "epochs", "device"]
+    sentences = []
+    for _, base in done[done["regularizer"] == "none"].iterrows():
+        same = done[(done[keys] == base[keys]).all(axis=1) & (done["regularizer"] != "none")]
+        for _, run in same.iterrows():
+            method = report.method_label(run["method"])
+            sentences.append(
+                f"{method} + {report.REGULARIZER_LABELS.get(run['regularizer'], run['regularizer'])} (gamma "
+                f"{report.gamma_text(run['gamma'])}) against {method}, full-width ResNet-18 on all of "
+                f"{report.dataset_label(run['dataset'])}, {run['epochs']} epochs on one {run['device']}, one seed: "
+                f"kNN top-1 {run['knn_top1']:.3f} against "
+                f"{base['knn_top1']:.3f}, linear top-1 {run['linear_top1']:.3f} against {base['linear_top1']:.3f}, "
+                f"effective rank of the representation {run['effective_rank']:.0f} against "
+                f"{base['effective_rank']:.0f}: the paper's direction, but one pair, so no verdict.")
+    return sentences
+
+
+def _write_answer(generated: Path, results: Path) -> Path:
+    """``<generated>/answer.md``, the intro's answer in words, regenerated from the records: the
+    paired cpu-profile comparisons (:func:`_paired_answer`), the gpu-profile pairs
+    (:func:`_gpu_answer`) and a pointer to the weaker cpu-small matrix."""
+    from or_core import report
+
+    folder = results / "matrix_cpu_paired"
+    records = [r for r in report.load_folder(folder) if "selection" not in r["groups"]]
+    lines = ["**In words, from the records so far:**", ""]
+    scale = ""
+    if records:
+        summary = records[0]["summary"]
+        scale = f" (a width-{summary['width']:g} ResNet-18, {summary['epochs']} epochs)"
+    lines += [f"- **The cpu profile, paired fresh seeds**{scale}: " + s for s in _paired_answer(records)]
+    lines += ["- **The gpu profile, shortened** (a single pair, not the paper's 200 epochs): " + s
+              for s in _gpu_answer(results)]
+    missing = report.missing_runs(PAIRED_MATRIX, folder) if PAIRED_MATRIX.is_file() else None
+    if missing is not None and len(missing):
+        groups = sorted({g for cell in missing["groups"] for g in cell.split(", ")} - {"selection", "methods"})
+        lines.append(f"- **Still to train in the paired matrix:** {len(missing)} runs (groups {', '.join(groups)}).")
+    if not report.load_folder(results / "campaign_gpu"):
+        lines.append("- **Not measured yet:** the paper-scale comparisons on several seeds "
+                     "(`configs/campaign_gpu.yaml`, {doc}`reproduce`).")
+    lines.append("")
+    path = generated / "answer.md"
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 

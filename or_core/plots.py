@@ -691,7 +691,7 @@ def paired_figure(
     effects = report.paired_effects(values)
     effects = effects[effects["seeds"] > 0].reset_index(drop=True)  # an arm no seed pairs: nothing to draw
     measure = report._METRIC_NAMES.get(metric, metric)
-    name = f"{report.method_label(method)}, {report._dataset_label(dataset)}"
+    name = f"{report.method_label(method)}, {report.dataset_label(dataset)}"
     with figure_context():
         fig, (left, right) = plt.subplots(1, 2, figsize=(DISPLAY_WIDTH_IN, 3.4), layout="constrained",
                                           gridspec_kw={"width_ratios": [3, 2]})
@@ -707,7 +707,8 @@ def paired_figure(
             for i, arm in enumerate(arms):
                 left.scatter(np.full(len(values), x[i]), values[arm], color=_arm_color(arm, i), s=24, zorder=2)
             left.set_xticks(x, [report.REGULARIZER_LABELS.get(a, a) for a in arms])
-            _finish(left, "", measure, f"{report._plural(len(values), 'seed')}, one grey line each", False)
+            paired = int((values.notna().sum(axis=1) >= 2).sum())  # seeds with two arms or more: a line
+            _finish(left, "", measure, f"{report._plural(len(values), 'seed')}, {paired} paired (grey lines)", False)
             if effects.empty:
                 _note(right, "no pair of runs yet\n(same seed, with\nand without OR)")
             else:

@@ -166,7 +166,7 @@ _LABELS = {"none": "none", "so": "SO", "srip": "SRIP"}
 _DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
 
-def _dataset_label(dataset: str) -> str:
+def dataset_label(dataset: str) -> str:
     """The book's name of a data set: ``"cifar10"`` -> ``"CIFAR-10"``; others as they are."""
     return _DATASET_LABELS.get(dataset, dataset)
 _METRIC_NAMES = {
@@ -311,7 +311,7 @@ def _backbone_text(runs: Runs) -> str:
     return name if widths in ([], [1.0]) else f"{name}, width {', '.join(f'{w:g}' for w in widths)}"
 
 
-def _gamma_text(gamma: float) -> str:
+def gamma_text(gamma: float) -> str:
     """``1e-6`` rather than ``1e-06``."""
     return f"{gamma:.0e}".replace("e-0", "e-").replace("e+0", "e")
 
@@ -597,7 +597,7 @@ def _pick(frame: pd.DataFrame, records: Sequence[Mapping[str, Any]], wanted: Map
         if len(match):
             match = match[match["scale"] == match["scale"].iloc[0]]  # the seeds of one setup, not two scales
             gammas = sorted(set(match["gamma"].dropna()))
-            gamma = f" (gamma {', '.join(_gamma_text(g) for g in gammas)})" if reg != "none" and gammas else ""
+            gamma = f" (gamma {', '.join(gamma_text(g) for g in gammas)})" if reg != "none" and gammas else ""
             out[label + gamma + _seeds_text(len(match))] = [by_name[(row["scale"], row["name"])]
                                                               for _, row in match.sort_values("seed").iterrows()]
     return out
@@ -827,7 +827,7 @@ def _claim_rows(key: str, claim: str, source: str, measure: str, pairs: pd.DataF
     for (scale, label, suffix), part in pairs.groupby(["scale", "comparison", "suffix"], sort=True):
         part = part.sort_values("seed")
         gammas = sorted({float(g) for g in part["gamma"] if not pd.isna(g)})
-        name = label + (f" (gamma {', '.join(_gamma_text(g) for g in gammas)})" if gammas else "") + suffix
+        name = label + (f" (gamma {', '.join(gamma_text(g) for g in gammas)})" if gammas else "") + suffix
         name = f"[{scale}] {name}" if several_scales else name
         rows.append(_comparison_row(head, str(scale), name, part["seed"].astype(int).tolist(),
                                     part["delta"].astype(float).tolist()))
@@ -854,7 +854,7 @@ def _or_pairs(frame: pd.DataFrame, column: str, regularizers: Sequence[str], sig
     """Runs with OR against the run without OR of the same method, data set and seed (every
     seed): one comparison per (method, data set, regularizer)."""
     table = paired_differences(frame, column, regularizers, seed=None, dropna=False)
-    label = (table["method"].map(method_label) + " / " + table["dataset"].map(_dataset_label) + " / "
+    label = (table["method"].map(method_label) + " / " + table["dataset"].map(dataset_label) + " / "
              + table["regularizer"].map(lambda r: _LABELS.get(r, r)))
     return _pairs(table, label, sign * table["delta"]) if len(table) else pd.DataFrame(columns=_PAIR_COLUMNS)
 
@@ -880,7 +880,7 @@ def _method_pairs(frame: pd.DataFrame, column: str, first: tuple[str, str], seco
         return pd.DataFrame(columns=_PAIR_COLUMNS)
     names = [method_label(m) + (f" + {_LABELS.get(r, r)}" if r != "none" else "") for m, r in (first, second)]
     names = [f"({n})" if " + " in n else n for n in names]  # (BYOL + SO) - (BYOL + whitening)
-    label = f"{what}{names[0]} - {names[1]} / " + table["dataset"].map(_dataset_label)
+    label = f"{what}{names[0]} - {names[1]} / " + table["dataset"].map(dataset_label)
     return _pairs(table, label, table[column].astype(float) - table[f"{column}_other"].astype(float))
 
 
@@ -913,10 +913,10 @@ def _transfer_pairs(records: Sequence[Mapping[str, Any]], metric: str = "linear_
     pairs = table[table["regularizer"] != "none"].merge(base, on=keys, how="left", suffixes=("", "_none"))
     gammas = {(r.get("scale"), r.get("name")): (r.get("summary") or {}).get("gamma") for r in records}
     pairs["gamma"] = [gammas.get((s, n)) for s, n in zip(pairs["scale"], pairs["name"])]
-    label = (pairs["method"].map(method_label) + " / " + pairs["pretrained on"].map(_dataset_label) + " / "
+    label = (pairs["method"].map(method_label) + " / " + pairs["pretrained on"].map(dataset_label) + " / "
              + pairs["regularizer"].map(lambda r: _LABELS.get(r, r)))
     return _pairs(pairs, label, pairs[metric].astype(float) - pairs[f"{metric}_none"].astype(float),
-                  suffix=" -> " + pairs["target"].map(_dataset_label))
+                  suffix=" -> " + pairs["target"].map(dataset_label))
 
 
 def claims(frame: pd.DataFrame, records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -1121,35 +1121,57 @@ def against_paper(frame: pd.DataFrame, dataset: str = "cifar10", seed: int = 0) 
       is named, with both pairs of values (the paper's argument runs from orthogonal weights to
       a flatter representation).
 
-    Single runs (one seed) carry no interval: the sentences say so.
+    Single runs (one seed) carry no interval. A gap counts only when it exceeds what a change of
+    seed alone gives (:func:`seed_band`, from BYOL without OR on several seeds); without such
+    seeds every gap counts and the sentence says there is nothing to compare it with.
     """
     sentences = []
     table = table1(frame, dataset, seed)
     if {"BYOL + SO", "BYOL + feature whitening"} <= set(table.index):
         so, white = table.loc["BYOL + SO"], table.loc["BYOL + feature whitening"]
         above = [f"{name} ({white[m]:.3f} against {so[m]:.3f})" for m, name in _TABLE1_MEASURES.items()
-                 if not (pd.isna(so[m]) or pd.isna(white[m])) and white[m] > so[m]]
+                 if not (pd.isna(so[m]) or pd.isna(white[m])) and white[m] - so[m] > (seed_band(frame, m, dataset) or 0.0)]
         if above:
             sentences.append(f"BYOL + feature whitening is above BYOL + SO on {', '.join(above)}, where the paper's "
                              f"Table 1 has OR ahead ({_DATASET_LABELS.get(dataset, dataset)}, seed {seed}, one run "
-                             "each: no interval).")
+                             f"each: no interval; {_band_text(frame, dataset)}).")
     runs = frame[(frame["method"] == "byol") & (frame["dataset"] == dataset) & (frame["seed"] == seed)]
     base = runs[runs["regularizer"] == "none"]
     if len(base):
         none = base.iloc[0]
         for reg, part in runs[runs["regularizer"] != "none"].sort_values("gamma").groupby("regularizer", sort=True):
-            hits = part[(part["or_so_total"] < none["or_so_total"]) & (part["effective_rank"] < none["effective_rank"])]
+            band = seed_band(frame, "effective_rank", dataset) or 0.0
+            hits = part[(part["or_so_total"] < none["or_so_total"])
+                        & (none["effective_rank"] - part["effective_rank"] > band)]
             if hits.empty:
                 continue
             last = hits.iloc[-1]
-            gammas = ", ".join(_gamma_text(g) for g in hits["gamma"])
+            gammas = ", ".join(gamma_text(g) for g in hits["gamma"])
             sentences.append(
                 f"BYOL + {_LABELS.get(reg, reg)} at gamma {gammas} leaves the weights closer to orthogonal than BYOL "
                 f"yet lowers the representation's effective rank, against the paper's argument from orthogonal "
-                f"weights to a flatter representation (at {_gamma_text(last['gamma'])}: orthogonality error "
+                f"weights to a flatter representation (at {gamma_text(last['gamma'])}: orthogonality error "
                 f"{last['or_so_total']:.4g} against {none['or_so_total']:.4g}, effective rank "
-                f"{last['effective_rank']:.3g} against {none['effective_rank']:.3g}; seed {seed}, one run each).")
+                f"{last['effective_rank']:.3g} against {none['effective_rank']:.3g}; seed {seed}, one run each; "
+                f"{_band_text(frame, dataset)}).")
     return sentences
+
+
+def seed_band(frame: pd.DataFrame, column: str, dataset: str = "cifar10") -> float | None:
+    """How far two runs that differ only by their seed fall apart, 95% of the time:
+    ``1.96 * sqrt(2) * sd``, with ``sd`` the sample standard deviation of ``column`` over the
+    seeds of BYOL without OR on ``dataset`` (the difference of two independent runs has
+    ``sqrt(2)`` times one run's spread). ``None`` below two seeds."""
+    values = frame[(frame["method"] == "byol") & (frame["dataset"] == dataset) & (frame["regularizer"] == "none")]
+    values = values[column].dropna().astype(float)
+    return 1.96 * math.sqrt(2.0) * float(values.std(ddof=1)) if len(values) >= 2 else None
+
+
+def _band_text(frame: pd.DataFrame, dataset: str) -> str:
+    seeds = int(((frame["method"] == "byol") & (frame["dataset"] == dataset) & (frame["regularizer"] == "none")).sum())
+    if seeds < 2:
+        return "no seeds of BYOL without OR to measure the spread between seeds"
+    return f"each gap beyond what a change of seed gives, from BYOL without OR on {seeds} seeds"
 
 
 def _cell(value: Any) -> str:
@@ -1250,7 +1272,7 @@ def styled(table: pd.DataFrame, digits: int = 3) -> Any:
 
     def formatter(column: Any) -> Any:
         if is_gamma(column):
-            return lambda v: "-" if pd.isna(v) else _gamma_text(v)
+            return lambda v: "-" if pd.isna(v) else gamma_text(v)
         if _is_integer_column(column, table[column]):
             return lambda v: "-" if pd.isna(v) else f"{int(v):,}"
         return lambda v, d=digits: "-" if pd.isna(v) else f"{v:.{d}f}"

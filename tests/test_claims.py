@@ -227,14 +227,14 @@ MEASURES = {
 }
 
 
-def _expected(claim: str) -> dict[tuple[str, str, str], tuple[int, float, str]]:
+def _expected(claim: str, records: list[dict]) -> dict[tuple[str, str, str], tuple[int, float, str]]:
     """(method, data set, regularizer) -> (seeds, mean difference, verdict), from the raw records:
     every run with OR at the gamma chosen on validation against the run without OR of its seed;
     the verdict from mean +- t_{0.975, n-1} sd / sqrt(n) (sd with ddof=1), none below 2 seeds."""
     measure, sign, regularizers = MEASURES[claim]
-    baseline = {_key(r): r for r in RECORDS if r["config"]["regularizer"] == "none"}
+    baseline = {_key(r): r for r in records if r["config"]["regularizer"] == "none"}
     deltas: dict[tuple[str, str, str], list[float]] = {}
-    for record in RECORDS:
+    for record in records:
         reg = record["config"]["regularizer"]
         if reg in regularizers and record.get("gamma_choice") is not None and _key(record) in baseline:
             method, dataset, _ = _key(record)
@@ -251,19 +251,36 @@ def _expected(claim: str) -> dict[tuple[str, str, str], tuple[int, float, str]]:
     return out
 
 
-def _claims_table():
-    return report.claims(report.records_frame(RECORDS), RECORDS)
+def _claims_table(records: list[dict] | None = None):
+    records = RECORDS if records is None else records
+    return report.claims(report.records_frame(records), records)
 
 
+PAIRED_RESULTS = REPO / "results" / "matrix_cpu_paired"
+
+
+def _paired_comparison_records() -> list[dict]:
+    """The paired matrix's comparison runs (its selection runs on seed 100 never count)."""
+    records = load_records(PAIRED_RESULTS) if PAIRED_RESULTS.is_dir() else []
+    return [r for r in records if "selection" not in r["groups"]]
+
+
+PAIRED_RECORDS = _paired_comparison_records()
+MATRICES = {"cpu_small": (RECORDS, RESULTS), "cpu_paired": (PAIRED_RECORDS, PAIRED_RESULTS)}
+
+
+@pytest.mark.parametrize("matrix", list(MATRICES))
 @pytest.mark.parametrize("claim", list(MEASURES))
-def test_claim_verdicts_are_those_the_records_support(claim: str) -> None:
-    """Every comparison of the claims table, recomputed from the raw records: the same
-    comparisons, seeds, mean difference (to 1e-9: sums of a few numbers in another order) and
-    verdict, and a claim line that counts them."""
-    if not RECORDS:
-        pytest.skip(f"no records in {RESULTS} yet")
-    expected = _expected(claim)
-    rows = _claims_table().loc[[claim]]
+def test_claim_verdicts_are_those_the_records_support(claim: str, matrix: str) -> None:
+    """Every comparison of the claims table of each matrix (the cpu-small one, and the paired
+    one's comparison runs), recomputed from the raw records: the same comparisons, seeds, mean
+    difference (to 1e-9: sums of a few numbers in another order) and verdict, and a claim line
+    that counts them."""
+    records, folder = MATRICES[matrix]
+    if not records:
+        pytest.skip(f"no records in {folder} yet")
+    expected = _expected(claim, records)
+    rows = _claims_table(records).loc[[claim]]
     comparisons = rows[rows["comparison"] != report.ALL_COMPARISONS]
     found = {}
     for _, row in comparisons.iterrows():
@@ -329,9 +346,6 @@ def test_the_committed_claims_summary_is_the_records_one() -> None:
     assert report.claims_summary(_claims_table()) in text and f"from the {len(RECORDS)} records" in text
 
 
-PAIRED_RESULTS = REPO / "results" / "matrix_cpu_paired"
-
-
 def test_every_method_at_the_cpu_profile_beats_raw_pixels_and_its_untrained_encoder() -> None:
     """Issues 17 (item 1) and 19 (item 1): each recorded method of group ``methods`` of
     ``configs/matrix_cpu_paired.yaml`` (the cpu profile, no OR, seed 0) ends above kNN on raw
@@ -357,3 +371,82 @@ def test_every_method_at_the_cpu_profile_beats_raw_pixels_and_its_untrained_enco
     own = [r["summary"]["untrained_knn_top1"] for r in records if r["summary"].get("untrained_knn_top1") is not None]
     assert all(v == pytest.approx(report.untrained_knn_by_seed()[0], abs=1e-3) for v in own), own
     assert report.methods_at_profile_markdown(table) in readme
+
+
+# ----------------------------------------------------------------------------------------------
+# The paired matrix of the cpu profile (configs/matrix_cpu_paired.yaml)
+# ----------------------------------------------------------------------------------------------
+def test_paired_comparisons_use_gammas_chosen_on_validation_of_seeds_they_never_use() -> None:
+    """Issue 17, item 2, on the committed records: each comparison run with OR carries the
+    choice of its gamma, made on ``val_knn_top1`` (held-out training images, never the test
+    split) of selection seeds that no comparison run uses; its candidates are the committed
+    selection records' own validation kNN, and the gamma is the best of them."""
+    comparisons = [r for r in PAIRED_RECORDS if r["config"]["regularizer"] != "none"]
+    if not comparisons:
+        pytest.skip(f"no comparison run with OR in {PAIRED_RESULTS} yet")
+    selection = {r["name"]: r for r in load_records(PAIRED_RESULTS) if "selection" in r["groups"]}
+    comparison_seeds = {r["config"]["seed"] for r in PAIRED_RECORDS}
+    for record in comparisons:
+        choice, cfg = record["gamma_choice"], record["config"]
+        assert choice["metric"] == "val_knn_top1", record["name"]
+        assert not set(choice["seeds"]) & comparison_seeds, record["name"]
+        for gamma, per_seed in choice["per_seed"].items():
+            for seed, value in per_seed.items():
+                source = selection[run_name(cfg | {"gamma": float(gamma), "seed": int(seed)})]
+                assert value == source["summary"]["val_knn_top1"], source["name"]
+            assert choice["candidates"][gamma] == pytest.approx(np.mean(list(per_seed.values())), rel=1e-12)
+        chosen = [value for gamma, value in choice["candidates"].items() if float(gamma) == record["summary"]["gamma"]]
+        assert chosen == [max(choice["candidates"].values())], record["name"]
+        assert record["summary"]["gamma"] == choice["gamma"], record["name"]
+
+
+def test_the_committed_paired_claims_summary_is_the_records_one() -> None:
+    """results/figures/claims_paired.md (written by notebook 05, linked from the README) says what
+    the paired matrix's comparison records say now."""
+    if not PAIRED_RECORDS:
+        pytest.skip(f"no comparison records in {PAIRED_RESULTS} yet")
+    text = (REPO / "results" / "figures" / "claims_paired.md").read_text()
+    assert report.claims_summary(_claims_table(PAIRED_RECORDS)) in text
+    assert f"from the {len(PAIRED_RECORDS)} comparison runs" in text
+    missing = len(report.missing_runs(REPO / "configs" / "matrix_cpu_paired.yaml", PAIRED_RESULTS))
+    assert f"{missing} runs of the matrix are still missing" in text
+    assert "results/figures/claims_paired.md" in (REPO / "README.md").read_text()
+
+
+def test_paired_byol_so_verdicts_over_seeds_0_to_2() -> None:
+    """The paired matrix's first comparison (BYOL, CIFAR-10, SO at gamma 1e-6 chosen on seed 100,
+    against BYOL, seeds 0-2), pinned on those three seeds so that later seeds do not move it: no
+    claim shows a detectable effect, not even OR's own objective at this gamma and width."""
+    names = {f"byol-cifar10-{reg}-s{seed}" for reg in ("none", "so-1e-6") for seed in (0, 1, 2)}
+    records = [r for r in PAIRED_RECORDS if r["name"] in names]
+    if len(records) < len(names):
+        pytest.skip(f"waiting for {sorted(names - {r['name'] for r in records})}")
+    table = _claims_table(records)
+    comparison = "BYOL / CIFAR-10 / SO (gamma 1e-6)"
+    for claim in ("accuracy_so", "accuracy_knn", "seeds", "orthogonality", "weights", "hidden", "representation"):
+        row = table.loc[[claim]].set_index("comparison").loc[comparison]
+        assert (row["seeds"], row["verdict"]) == (3, "no detectable effect"), claim
+    knn = table.loc[["seeds"]].set_index("comparison").loc[comparison]
+    assert knn["differences"] == "s0: +0.0086; s1: -0.003; s2: -0.0192"  # 10,000 test images: steps of 1e-4
+    assert knn["95% CI"] == "[-0.03922, +0.03015]"
+
+
+def test_readme_quotes_the_paired_byol_so_comparison_from_the_records() -> None:
+    """The README's sentence on the paired matrix (BYOL + SO against BYOL on fresh seeds) quotes
+    the number of seeds, the kNN and linear effects and their intervals that the records give,
+    rounded to three decimals."""
+    if not PAIRED_RECORDS:
+        pytest.skip(f"no comparison records in {PAIRED_RESULTS} yet")
+    text = " ".join((REPO / "README.md").read_text().split())
+    number = r"([+-]?\d\.\d{3})"
+    found = re.search(rf"against BYOL on (\w+) fresh seeds changes test kNN top-1 by {number} \(95% CI {number} to "
+                      rf"{number}\) and linear top-1 by {number} \({number} to {number}\)", text)
+    assert found, "the README's paired sentence is missing or reworded"
+    table = _claims_table(PAIRED_RECORDS)
+    comparison = next(c for c in table.loc[["accuracy_knn"], "comparison"] if c.startswith("BYOL / CIFAR-10 / SO"))
+    words = {2: "two", 3: "three", 4: "four", 5: "five"}
+    quoted = [float(v) for v in found.groups()[1:]]
+    for claim, (effect, low, high) in (("accuracy_knn", quoted[:3]), ("accuracy_so", quoted[3:])):
+        row = table.loc[[claim]].set_index("comparison").loc[comparison]
+        assert found.group(1) == words[row["seeds"]], claim
+        assert (effect, low, high) == pytest.approx((row["effect"], row["ci_low"], row["ci_high"]), abs=5.1e-4), claim
