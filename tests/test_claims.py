@@ -450,3 +450,19 @@ def test_readme_quotes_the_paired_byol_so_comparison_from_the_records() -> None:
         row = table.loc[[claim]].set_index("comparison").loc[comparison]
         assert found.group(1) == words[row["seeds"]], claim
         assert (effect, low, high) == pytest.approx((row["effect"], row["ci_low"], row["ci_high"]), abs=5.1e-4), claim
+
+
+def test_readme_quotes_byols_seeds_without_or_from_the_records() -> None:
+    """The README's BYOL-without-OR figures at the cpu profile (each comparison seed's test kNN
+    top-1 and their mean, against the profile's goal of 0.45) are those of the records."""
+    runs = sorted((r["config"]["seed"], r["summary"]["knn_top1"]) for r in PAIRED_RECORDS
+                  if r["config"]["method"] == "byol" and r["config"]["regularizer"] == "none")
+    if len(runs) < 2:
+        pytest.skip("fewer than two seeds of BYOL without OR recorded")
+    text = " ".join((REPO / "README.md").read_text().split())
+    found = re.search(r"it reaches test kNN ([\d., and]+?) on seeds 0 to (\d) .*?, (0\.\d{3}) on average", text)
+    assert found, "the README's BYOL seeds sentence is missing or reworded"
+    quoted = [float(v) for v in re.findall(r"0\.\d{3}", found.group(1))]
+    assert [seed for seed, _ in runs] == list(range(int(found.group(2)) + 1))
+    assert quoted == pytest.approx([knn for _, knn in runs], abs=5.1e-4)
+    assert float(found.group(3)) == pytest.approx(np.mean([knn for _, knn in runs]), abs=5.1e-4)
