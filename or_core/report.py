@@ -1075,7 +1075,14 @@ CLAIM_SECTIONS = {
     "transfer": ("figures-transfer", "05 §6"),
 }
 #: The columns of :func:`headline_claims`.
-HEADLINE_COLUMNS = ("claim", "scale", "comparison", "effect", "95% CI", "seeds", "verdict", "comparisons")
+HEADLINE_COLUMNS = ("claim", "scale", "comparison", "effect", "95% CI", "seeds", "verdict", "comparisons",
+                    "ci_low", "ci_high")
+#: The claims measured in accuracy (a fraction): the book's first page writes them in points.
+ACCURACY_CLAIMS = ("accuracy_so", "accuracy_srip", "accuracy_knn", "seeds", "transfer")
+#: What the effect of the other claims is measured in, for a reader of the first page.
+_CLAIM_UNITS = {"orthogonality": "SO error", "weights": "flatness", "hidden": "flatness",
+                "representation": "effective rank", "whitening_representation": "effective rank",
+                "whitening_inside": "flatness"}
 
 
 def headline_claims(table: pd.DataFrame) -> pd.DataFrame:
@@ -1092,13 +1099,14 @@ def headline_claims(table: pd.DataFrame) -> pd.DataFrame:
         row = {"id": key, "claim": own["claim"], "scale": own["scale"]}
         if comparisons.empty:
             rows.append({**row, "comparison": "-", "effect": math.nan, "95% CI": "-", "seeds": 0,
-                         "verdict": NO_DATA, "comparisons": "none"})
+                         "verdict": NO_DATA, "comparisons": "none", "ci_low": math.nan, "ci_high": math.nan})
             continue
         best = comparisons.loc[comparisons["seeds"].astype(int).idxmax()]
         counts = claim_counts(comparisons)
         rows.append({**row, "comparison": best["comparison"], "effect": best["effect"], "95% CI": best["95% CI"],
                      "seeds": int(best["seeds"]), "verdict": best["verdict"],
-                     "comparisons": f"{counts['with an interval']} of {len(comparisons)}"})
+                     "comparisons": f"{counts['with an interval']} of {len(comparisons)}",
+                     "ci_low": best["ci_low"], "ci_high": best["ci_high"]})
     return pd.DataFrame(rows, columns=["id", *HEADLINE_COLUMNS]).set_index("id")
 
 
@@ -1196,14 +1204,28 @@ def claims_markdown(headline: pd.DataFrame, sections: Mapping[str, tuple[str, st
     for key, row in headline.iterrows():
         label, text = sections.get(str(key), (None, ""))
         where = f"{{ref}}`{text} <{label}>`" if label else "-"
-        effect = "-" if pd.isna(row["effect"]) else _signed(float(row["effect"]))
+        effect, interval = _headline_effect(str(key), row)
         comparison = row["comparison"]
         if row["comparisons"] != "none":
             comparison = f"{comparison} ({row['comparisons']} comparisons with >= {stats.MIN_SEEDS} seeds)"
-        cells = [row["claim"], *([row["scale"]] if several_scales else []), comparison, effect, row["95% CI"],
+        cells = [row["claim"], *([row["scale"]] if several_scales else []), comparison, effect, interval,
                  int(row["seeds"]), f"**{row['verdict']}**", where]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def _headline_effect(key: str, row: pd.Series) -> tuple[str, str]:
+    """The effect and interval cells of a headline row: accuracy claims in percentage points
+    with one decimal (``"-0.5 pt"``, ``"[-3.9, +3.0] pt"``), the others as computed, followed
+    by what they measure (``"-2.426 (SO error)"``)."""
+    if pd.isna(row["effect"]):
+        return "-", row["95% CI"]
+    low, high = row.get("ci_low", math.nan), row.get("ci_high", math.nan)
+    if key in ACCURACY_CLAIMS:
+        interval = row["95% CI"] if pd.isna(low) else f"[{100 * low:+.1f}, {100 * high:+.1f}] pt"
+        return f"{100 * float(row['effect']):+.1f} pt", interval
+    unit = _CLAIM_UNITS.get(key)
+    return _signed(float(row["effect"])) + (f" ({unit})" if unit else ""), row["95% CI"]
 
 
 #: Where a record links to: the repository's files on GitHub (the book's ``repository.url``).

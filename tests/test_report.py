@@ -523,6 +523,20 @@ print(json.dumps({"records": len(recs), "rows": [len(t) for t in tables], "befor
     assert found["matplotlib"]
 
 
+def test_claims_markdown_writes_accuracy_in_points_and_names_the_other_measures() -> None:
+    """A kNN effect of -0.004533 with interval [-0.03922, +0.03015] reads -0.5 pt [-3.9, +3.0] pt;
+    an SO-error effect keeps its value and says what it measures."""
+    columns = list(report.HEADLINE_COLUMNS)
+    rows = [["OR improves kNN", "cpu", "BYOL / CIFAR-10 / SO", -0.004533, "[-0.03922, +0.03015]", 3,
+             "no detectable effect", "1 of 1", -0.03922, 0.03015],
+            ["OR keeps weights orthogonal", "cpu", "BYOL / CIFAR-10 / SO", -2.426, "[-20.62, +15.77]", 3,
+             "no detectable effect", "1 of 1", -20.62, 15.77]]
+    table = pd.DataFrame(rows, columns=columns, index=["accuracy_knn", "orthogonality"])
+    knn, orth = report.claims_markdown(table, sections={}).splitlines()[2:]
+    assert "| -0.5 pt | [-3.9, +3.0] pt | 3 |" in knn
+    assert "| -2.426 (SO error) | [-20.62, +15.77] | 3 |" in orth
+
+
 def test_claims_markdown_names_the_scale_only_when_the_rows_have_several() -> None:
     columns = ["claim", "scale", "comparison", "effect", "95% CI", "seeds", "verdict", "comparisons"]
     row = ["OR works", "cpu-small", "BYOL / CIFAR-10 / SO", 0.01, "[-0.01, +0.03]", 3, "no detectable effect", "1 of 2"]
