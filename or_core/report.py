@@ -1241,8 +1241,11 @@ def record_link(path: str | Path, root: str | Path | None = None) -> str:
     resolved = Path(path).resolve()
     try:
         relative = resolved.relative_to(base.resolve()).as_posix()
-    except ValueError:
-        return f"`{path}`"  # outside the repository (a build's own records): no page to link to
+    except ValueError:  # outside the repository (a build's own records): no page to link to
+        try:
+            return f"`~/{resolved.relative_to(Path.home().resolve()).as_posix()}`"  # not the builder's home
+        except ValueError:
+            return f"`{path}`"
     return f"[{relative}]({REPOSITORY_URL}/{relative})"
 
 

@@ -547,3 +547,14 @@ def test_claims_markdown_names_the_scale_only_when_the_rows_have_several() -> No
     two = pd.concat([one, pd.DataFrame([[*row[:1], "paper-scale", *row[2:]]], columns=columns, index=["so_knn"])])
     lines = report.claims_markdown(two, sections={}).splitlines()
     assert lines[0].split("|")[2].strip() == "scale" and "| paper-scale |" in lines[3]
+
+
+def test_record_link_links_a_repository_file_and_hides_the_builders_home(tmp_path: Path) -> None:
+    """A record in the repository becomes a link to it on GitHub; one a build wrote under the
+    home folder is shown from ``~``, without the machine's home path; any other stays as given."""
+    repo = Path(report.__file__).resolve().parents[1]
+    assert report.record_link(repo / "results" / "x.json") == f"[results/x.json]({report.REPOSITORY_URL}/results/x.json)"
+    home = Path.home() / ".cache" / "or_core" / "book-records" / "notebooks" / "01.json"
+    assert report.record_link(home) == "`~/.cache/or_core/book-records/notebooks/01.json`"
+    elsewhere = Path("/nonexistent-root-for-a-test/01.json")
+    assert report.record_link(elsewhere) == f"`{elsewhere}`"
