@@ -40,6 +40,7 @@ from or_core.errors import ConfigError
 from or_core.fast_path.compiled_calls import eager
 from or_core.orthogonality import regularized_weights, so_penalty
 from or_core.provenance import versions
+from or_core.reference_cache import cached_value, tensor_digest
 from or_core.run_files import CHECKPOINT_FILE, write_summary
 from or_core.training_run import Run, build_run, initial_backbone
 
@@ -293,37 +294,60 @@ def untrained_knn(run: Run, root: Path) -> float | None:
     rebuilds the same architecture from the same seed, hence the same initial weights, and the same
     kNN runs on the same images. A method whose kNN is not above it has learned nothing that kNN
     can use. Rebuilding it leaves the global random state as it was. ``None`` for a streamed run, as for
-    :func:`raw_pixel_knn`."""
+    :func:`raw_pixel_knn`. Computed once per initial weights and evaluation images, then read
+    from :mod:`or_core.reference_cache`."""
     cfg = run.cfg
     if cfg.stream:
         return None
     with torch.random.fork_rng(devices=[]):
         backbone, _ = initial_backbone(cfg, run.image_size)
     backbone.to(run.device)
-    train_feats, train_labels, num_classes = _split_features(run, root, "train", cfg.eval_train_subset, backbone)
-    test_feats, test_labels, _ = _split_features(run, root, "test", cfg.eval_test_subset, backbone)
-    return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, cfg.knn_k, cfg.knn_t)["top1"]
+
+    def compute() -> float:
+        train_feats, train_labels, num_classes = _split_features(run, root, "train", cfg.eval_train_subset, backbone)
+        test_feats, test_labels, _ = _split_features(run, root, "test", cfg.eval_test_subset, backbone)
+        return knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, cfg.knn_k, cfg.knn_t)["top1"]
+
+    key = {**_reference_key(run, *_evaluation_splits(run, root)), "weights": tensor_digest(backbone.state_dict().values()),
+           "amp": cfg.amp, "device": run.device.type}
+    return cached_value("untrained_knn", key, compute)
+
+
+def _evaluation_splits(run: Run, root: Path) -> tuple[Any, Any]:
+    """The evaluation's training and test images (uint8, from the tensor cache)."""
+    cfg = run.cfg
+    return (load_split(cfg.dataset, "train", root, cfg.image_size, cfg.eval_train_subset, cfg.seed),
+            load_split(cfg.dataset, "test", root, cfg.image_size, cfg.eval_test_subset, cfg.seed))
+
+
+def _reference_key(run: Run, train: Any, test: Any) -> dict[str, Any]:
+    """What both references depend on besides the encoder: the evaluation images and labels
+    (their digest), the normalization and the kNN settings."""
+    cfg = run.cfg
+    return {"images": tensor_digest([train.images, train.labels, test.images, test.labels]),
+            "mean": list(run.mean), "std": list(run.std), "knn_k": cfg.knn_k, "knn_t": cfg.knn_t}
 
 
 def raw_pixel_knn(run: Run, root: Path) -> float | None:
     """kNN top-1 of the identity encoder: the evaluation images themselves, normalized as for
     training and flattened, with the same kNN on the same images. A trained encoder that does
     not beat it has learned nothing kNN can use. ``None`` for a streamed run (its images are
-    not held in memory)."""
+    not held in memory). Computed once per evaluation images, then read from
+    :mod:`or_core.reference_cache`."""
     cfg = run.cfg
     if cfg.stream:
         return None
-    train = load_split(cfg.dataset, "train", root, cfg.image_size, cfg.eval_train_subset, cfg.seed)
-    test = load_split(cfg.dataset, "test", root, cfg.image_size, cfg.eval_test_subset, cfg.seed)
+    train, test = _evaluation_splits(run, root)
     flatten = nn.Flatten()
 
     def pixels(images: torch.Tensor) -> torch.Tensor:
         return extract_features(flatten, images, run.mean, run.std, device=run.device)
 
-    knn = knn_accuracy(
-        pixels(train.images), train.labels, pixels(test.images), test.labels, train.num_classes, cfg.knn_k, cfg.knn_t
-    )
-    return knn["top1"]
+    def compute() -> float:
+        return knn_accuracy(pixels(train.images), train.labels, pixels(test.images), test.labels,
+                            train.num_classes, cfg.knn_k, cfg.knn_t)["top1"]
+
+    return cached_value("raw_pixels_knn", {**_reference_key(run, train, test), "device": run.device.type}, compute)
 
 
 def _validation_knn(run: Run, root: Path) -> dict[str, float] | None:
