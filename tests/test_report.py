@@ -477,7 +477,9 @@ def test_claims_summary_states_each_verdict_with_its_intervals(frame: pd.DataFra
     table = report.claims(frame, records)
     text = report.claims_summary(table)
     lines = {line.split("**")[1]: line for line in text.splitlines() if line.startswith("* **")}
-    assert set(lines) == {"No detectable effect", "Too few seeds"}  # only BYOL/CIFAR-10/SO has several seeds
+    # only BYOL/CIFAR-10/SO has several seeds; the norm-only control has no run in these records
+    assert set(lines) == {"No detectable effect", "Too few seeds", "No data yet"}
+    assert lines["No data yet"].split(": ", 1)[1].rstrip(".") == table.loc[["norm_control"], "claim"].iloc[0]
     byol = table.loc["accuracy_so"].set_index("comparison").loc["BYOL / CIFAR-10 / SO (gamma 1e-6)"]
     assert (f"OR (SO) improves linear accuracy across methods and data sets (BYOL / CIFAR-10 / SO (gamma 1e-6): "
             f"+0.006667, 95% CI {byol['95% CI']}, 3 seeds; 2 other comparisons with too few seeds)") in lines["No detectable effect"]
@@ -558,3 +560,32 @@ def test_record_link_links_a_repository_file_and_hides_the_builders_home(tmp_pat
     assert report.record_link(home) == "`~/.cache/or_core/book-records/notebooks/01.json`"
     elsewhere = Path("/nonexistent-root-for-a-test/01.json")
     assert report.record_link(elsewhere) == f"`{elsewhere}`"
+
+
+def test_the_norm_control_claim_pairs_so_with_its_diagonal_part_by_seed() -> None:
+    """Our control claim on a known answer: copies of the recorded BYOL + SO runs relabelled as
+    SO diagonal with kNN lowered by 0.010 + 0.001 * seed give, per seed, SO - SO diagonal =
+    0.010 + 0.001 * seed, hence the mean 0.010 + 0.001 * mean(seeds) and a narrow interval
+    above 0 (supported); without SO diagonal runs the claim has no data."""
+    import copy
+
+    records = [r for r in report.load_folder(Path(report.__file__).resolve().parents[1] / "results" / "matrix_cpu_paired")
+               if "selection" not in r["groups"] and r["config"]["method"] == "byol"]
+    so = [r for r in records if r["config"]["regularizer"] == "so"]
+    if len(so) < 2:
+        pytest.skip("fewer than two recorded BYOL + SO comparison runs")
+    table = report.claims(report.records_frame(records), records)
+    assert table.loc[["norm_control"], "verdict"].tolist() == [report.NO_DATA]
+    diag = []
+    for record in so:
+        copy_ = copy.deepcopy(record)
+        copy_["config"]["regularizer"] = copy_["summary"]["regularizer"] = "so_diag"
+        copy_["name"] = record["name"].replace("-so-", "-so_diag-")
+        copy_["summary"]["knn_top1"] -= 0.010 + 0.001 * record["config"]["seed"]
+        diag.append(copy_)
+    rows = report.claims(report.records_frame(records + diag), records + diag).loc[["norm_control"]]
+    row = rows[rows["comparison"] != report.ALL_COMPARISONS].iloc[0]
+    seeds = [r["config"]["seed"] for r in so]
+    assert row["comparison"] == "(BYOL + SO) - (BYOL + SO diagonal) / CIFAR-10" and row["seeds"] == len(so)
+    assert row["effect"] == pytest.approx(0.010 + 0.001 * np.mean(seeds), abs=1e-9)
+    assert row["verdict"] == "supported" and 0 < row["ci_low"] < row["effect"] < row["ci_high"]
