@@ -38,6 +38,7 @@ Inside a notebook, :func:`apply_profile` lets a reader switch profiles by editin
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shlex
@@ -348,9 +349,10 @@ def write_intro(book_dir: Path = BOOK_DIR, results: Path = REPO_ROOT / "results"
             ":name: intro-figure2",
             ":width: 100%",
             "",
-            "The figure that shows the answer best: normalized eigenvalue spectra of a weight, of hidden "
-            "features and of the representation for BYOL, BYOL + whitening and BYOL + SO, from the same "
-            "records (the paper's Figure 2; {ref}`figures-spectra` has the others).",
+            "Normalized eigenvalue spectra of a weight, of hidden features and of the representation for "
+            "BYOL, BYOL + whitening and BYOL + SO, from the same records (the paper's Figure 2; "
+            "{ref}`figures-spectra` has the others). What to look for: whether a method's curve lies above "
+            "BYOL's (a flatter spectrum, less collapse). " + _figure2_numbers(frame),
             "```",
         ]
     path = generated / "claims.md"
@@ -454,6 +456,24 @@ def _write_answer(generated: Path, results: Path) -> Path:
     path = generated / "answer.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _figure2_numbers(frame: Any) -> str:
+    """The intro figure's reading in numbers: the representation's effective rank and the
+    final SO error of BYOL, BYOL + SO and BYOL + whitening (Table 1 analogue, seed 0)."""
+    from or_core import report
+
+    table = report.table1(frame)
+    parts = [f"{label} {table.loc[row, 'effective_rank']:.1f}" for label, row in
+             (("BYOL", "BYOL"), ("BYOL + SO", "BYOL + SO"), ("BYOL + whitening", "BYOL + feature whitening"))
+             if row in table.index and not math.isnan(table.loc[row, "effective_rank"])]
+    if not parts:
+        return ""
+    text = f"Effective rank of the representation, seed 0: {', '.join(parts)}"
+    if {"BYOL", "BYOL + SO"} <= set(table.index):
+        text += (f"; SO error of the weights: BYOL {table.loc['BYOL', 'or_so_total']:.4g}, "
+                 f"BYOL + SO {table.loc['BYOL + SO', 'or_so_total']:.4g}")
+    return text + "."
 
 
 #: The matrix of the cpu profile's paired comparisons, and where notebook 05 shows it.
