@@ -203,9 +203,13 @@ def _provenance_markdown(info: dict[str, Any]) -> str:
         if commit != "unknown"
         else "outside a git checkout"
     )
+    profile = str(info["profile"])
+    source = profile if profile.endswith((".yaml", ".yml")) else f"notebooks/profiles/{profile}.yaml"
     return (
         "```{note}\n"
-        f"Executed with the **{info['profile']}** profile by `{info['command']}` on "
+        f"Executed with the notebooks' **{Path(profile).stem}** profile (`{source}`; the scale of each number "
+        "is in its table's or figure's title) by "
+        f"`{info['command']}` on "
         f"{info['date_utc']} in {info['wall_time_s']:.0f} s: {info['machine']}, {info['device']}, "
         f"Python {info['python']}, torch {info['torch']}, lightly {info['lightly']}, {commit}.\n"
         "```"
