@@ -450,6 +450,10 @@ def test_readme_quotes_the_paired_byol_so_comparison_from_the_records() -> None:
         row = table.loc[[claim]].set_index("comparison").loc[comparison]
         assert found.group(1) == words[row["seeds"]], claim
         assert (effect, low, high) == pytest.approx((row["effect"], row["ci_low"], row["ci_high"]), abs=5.1e-4), claim
+    bound = re.search(r"a gain of more than (\d+\.\d) points of kNN is ruled out", text)
+    knn = table.loc[["accuracy_knn"]].set_index("comparison").loc[comparison]
+    if knn["ci_high"] > 0:  # the interval's upper end, in points, is the largest gain it leaves open
+        assert bound and float(bound.group(1)) == pytest.approx(100 * knn["ci_high"], abs=0.051)
 
 
 def test_readme_quotes_byols_seeds_without_or_from_the_records() -> None:
