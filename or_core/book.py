@@ -372,10 +372,19 @@ def _points(value: float) -> str:
     return f"{100 * value:+.1f}"
 
 
+#: How the answer words the verdict of a claim about the weights, per claim and verdict.
+_WEIGHT_WORDS = {
+    "orthogonality": {"supported": "closer to orthogonal (a lower SO error)",
+                      "contradicted": "further from orthogonal (a higher SO error)"},
+    "weights": {"supported": "with flatter spectra", "contradicted": "with less flat spectra"},
+}
+
+
 def _paired_answer(records: list[dict[str, Any]]) -> list[str]:
     """The paired matrix's answer in words, one sentence per comparison with >= 2 seeds: its kNN
-    effect in points with the interval, what the interval rules out, and whether OR moved its
-    own objective (the SO error of the weights) at that gamma."""
+    effect in points with the interval, what the interval rules out, and what OR did to the
+    weights it acts on (their SO error and the flatness of their spectra, each beyond the
+    seeds' spread or not)."""
     from or_core import report
 
     if not records:
@@ -386,7 +395,6 @@ def _paired_answer(records: list[dict[str, Any]]) -> list[str]:
     with_or = sum(r["config"]["regularizer"] != "none" for r in records)
     if knn.empty:
         return [f"{with_or} runs with OR recorded, no comparison with two seeds yet."]
-    orth = table.loc[["orthogonality"]].set_index("comparison")
     sentences = []
     for _, row in knn.iterrows():
         text = (f"{row['comparison']} against the same method without OR, {row['seeds']} paired seeds: "
@@ -394,14 +402,16 @@ def _paired_answer(records: list[dict[str, Any]]) -> list[str]:
                 f"{_points(row['ci_high'])}), {row['verdict']}")
         if row["ci_high"] > 0:
             text += f"; a gain above {_points(row['ci_high'])} points is ruled out at this scale"
-        if row["comparison"] in orth.index:
-            o = orth.loc[row["comparison"]]
-            if o["verdict"] == "supported":
-                text += ". OR did lower the weights' SO error (its own objective) beyond the seeds' spread"
-            else:
-                text += (f". OR did not measurably lower the weights' SO error, its own objective ({o['verdict']}), "
-                         "so at this gamma and width the regularizer barely acts and the comparison says little "
-                         "about OR's mechanism")
+        moved = []
+        for claim, words in _WEIGHT_WORDS.items():
+            rows = table.loc[[claim]].set_index("comparison")
+            if row["comparison"] in rows.index and rows.loc[row["comparison"], "verdict"] in words:
+                moved.append(words[rows.loc[row["comparison"], "verdict"]])
+        if moved:
+            text += f". With OR the weights end up {' and '.join(moved)}, beyond the seeds' spread"
+        else:
+            text += (". With OR the weights' SO error and spectra show no detectable change, so at this gamma and "
+                     "width the regularizer barely acts and the comparison says little about OR's mechanism")
         sentences.append(text + ".")
     return sentences
 
