@@ -470,3 +470,30 @@ def test_readme_quotes_byols_seeds_without_or_from_the_records() -> None:
     assert [seed for seed, _ in runs] == list(range(int(found.group(2)) + 1))
     assert quoted == pytest.approx([knn for _, knn in runs], abs=5.1e-4)
     assert float(found.group(3)) == pytest.approx(np.mean([knn for _, knn in runs]), abs=5.1e-4)
+
+
+def test_readme_quotes_the_paired_byol_srip_comparison_from_the_records() -> None:
+    """The README's sentence on BYOL + SRIP against BYOL quotes the seeds and the kNN effect with
+    its interval that the records give, and says the weights end closer to orthogonal with
+    flatter spectra only while both claims are supported and the features, representation
+    and accuracy show no detectable effect."""
+    table = _claims_table(PAIRED_RECORDS) if PAIRED_RECORDS else None
+    rows = table.loc[["accuracy_knn"]] if table is not None else None
+    if rows is None or not any(rows["comparison"].str.startswith("BYOL / CIFAR-10 / SRIP") & (rows["seeds"] >= 2)):
+        pytest.skip("fewer than two paired seeds of BYOL + SRIP")
+    text = " ".join((REPO / "README.md").read_text().split())
+    number = r"([+-]?\d\.\d{3})"
+    found = re.search(rf"BYOL \+ SRIP \(gamma 1e-3, chosen the same way\) against BYOL on (\w+) fresh seeds so far changes "
+                      rf"test kNN top-1 by {number} \(95% CI {number} to {number}\)", text)
+    assert found, "the README's SRIP sentence is missing or reworded"
+    comparison = next(c for c in rows["comparison"] if c.startswith("BYOL / CIFAR-10 / SRIP"))
+    verdicts = {claim: table.loc[[claim]].set_index("comparison").loc[comparison] for claim in
+                ("accuracy_knn", "accuracy_srip", "orthogonality", "weights", "hidden", "representation")}
+    knn = verdicts["accuracy_knn"]
+    assert found.group(1) == {2: "two", 3: "three", 4: "four", 5: "five"}[knn["seeds"]]
+    assert [float(v) for v in found.groups()[1:]] == pytest.approx([knn["effect"], knn["ci_low"], knn["ci_high"]], abs=5.1e-4)
+    said = "leaves the weights closer to orthogonal and their spectra flatter beyond the seeds' spread" in text
+    holds = (verdicts["orthogonality"]["verdict"] == verdicts["weights"]["verdict"] == "supported"
+             and all(verdicts[c]["verdict"] == "no detectable effect" for c in ("accuracy_knn", "accuracy_srip", "hidden",
+                                                                             "representation")))
+    assert said == holds, {c: v["verdict"] for c, v in verdicts.items()}
