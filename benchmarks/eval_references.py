@@ -18,6 +18,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -37,8 +38,8 @@ def main() -> None:
     cfg = fit_to_data(resolve_config(args.profile, overrides={"method": args.method, "device": "cpu"}))
     run = build_run(cfg)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="or_core_references_") as folder:
-        reference_cache.reference_dir = lambda: Path(folder)  # an empty cache, this process only
+    with tempfile.TemporaryDirectory(prefix="or_core_references_") as folder, \
+            mock.patch.object(reference_cache, "reference_dir", lambda: Path(folder)):  # an empty cache
         times = []
         for _ in range(1 + args.repeats):
             t = time.perf_counter()
